@@ -162,7 +162,7 @@ class CausalLM(nn.Module):
         """Number of distinct parameters (the tied embedding/head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def _check_idx(self, idx: torch.Tensor) -> None:
+    def _check_idx(self, idx: torch.Tensor, check_length: bool = True) -> None:
         if not isinstance(idx, torch.Tensor):
             raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
@@ -170,7 +170,7 @@ class CausalLM(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, seq_len), got shape {tuple(idx.shape)}")
         T, V = idx.shape[1], self.config.VOCAB_SIZE
-        if T > self.config.BLOCK_SIZE:
+        if check_length and T > self.config.BLOCK_SIZE:
             raise ValueError(
                 f"sequence length {T} exceeds BLOCK_SIZE={self.config.BLOCK_SIZE}; "
                 "crop the input or build the model with a larger BLOCK_SIZE"
@@ -194,6 +194,11 @@ class CausalLM(nn.Module):
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {got}")
             if targets.dtype.is_floating_point or targets.dtype == torch.bool:
                 raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+            valid = (targets == -100) | ((targets >= 0) & (targets < self.config.VOCAB_SIZE))
+            if not bool(valid.all()):
+                raise ValueError(
+                    f"targets must lie in [0, VOCAB_SIZE={self.config.VOCAB_SIZE}) or be -100 (ignored)"
+                )
         B, T = idx.shape
         pos = torch.arange(T, dtype=torch.long, device=idx.device)           # (T,)
         x = self.dropout(self.token_embedding(idx) + self.pos_embedding(pos))  # (B, T, C)
@@ -227,7 +232,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
         if isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[1] == 0:
             raise ValueError("idx must hold at least one token to condition on, got seq_len 0")
-        self._check_idx(idx[:, -self.config.BLOCK_SIZE:] if isinstance(idx, torch.Tensor) and idx.dim() == 2 else idx)
+        self._check_idx(idx, check_length=False)  # longer prompts are cropped below
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.BLOCK_SIZE:]                       # (B, <=BLOCK_SIZE)
             logits, _ = self(context)

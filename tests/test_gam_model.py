@@ -1,0 +1,599 @@
+"""Tests of gam_model.py against the facts of SPEC sections 1-2.
+
+The forward pass is checked against an independent float64 reference written
+here from the equations (naive loops, explicit softmax / LayerNorm / GELU), not
+against anything the implementation computes itself.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gam_model import GAM_Model, ModelConfig  # noqa: E402
+
+LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by the reference code
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tensors here are tiny: intra-op threads only add contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------
+# Small configurations
+# --------------------------------------------------------------------------
+
+SMALL = dict(VOCAB_SIZE=50, BLOCK_SIZE=16, N_EMBED=8, N_LAYER=2, NUM_MEMORY_SLOTS=6, CONV_KERNEL_SIZE=3)
+
+# (USE_GATE, USE_LOCAL, USE_GLOBAL)
+VARIANTS = [
+    pytest.param(dict(USE_GATE=True, USE_LOCAL=True, USE_GLOBAL=True), id="full"),
+    pytest.param(dict(USE_GATE=False, USE_LOCAL=False, USE_GLOBAL=True), id="global_only"),
+    pytest.param(dict(USE_GATE=False, USE_LOCAL=True, USE_GLOBAL=True), id="sum_fusion"),
+    pytest.param(dict(USE_GATE=False, USE_LOCAL=True, USE_GLOBAL=False), id="local_only"),
+    pytest.param(dict(USE_GATE=True, USE_LOCAL=False, USE_GLOBAL=True), id="gated_global_only"),
+    pytest.param(dict(USE_GATE=True, USE_LOCAL=True, USE_GLOBAL=False), id="gated_local_only"),
+]
+
+
+def small_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**SMALL, **overrides})
+
+
+def make_model(seed: int = 0, double: bool = True, **overrides) -> GAM_Model:
+    torch.manual_seed(seed)
+    model = GAM_Model(small_config(**overrides))
+    if double:
+        model = model.double()
+    return model.eval()
+
+
+def rand_idx(cfg: ModelConfig, B: int = 2, T: int | None = None, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    T = cfg.BLOCK_SIZE if T is None else T
+    return torch.randint(0, cfg.VOCAB_SIZE, (B, T), generator=g)
+
+
+# --------------------------------------------------------------------------
+# Independent float64 reference (SPEC sections 1-2), reading upstream key names
+# --------------------------------------------------------------------------
+
+
+def ref_layernorm(x, w, b):
+    mean = x.sum(-1, keepdim=True) / x.shape[-1]
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / x.shape[-1]  # biased variance
+    return (x - mean) / torch.sqrt(var + LN_EPS) * w + b
+
+
+def ref_gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def ref_sigmoid(x):
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+def ref_linear(x, w, b=None):
+    y = torch.einsum("...i,oi->...o", x, w)
+    return y if b is None else y + b
+
+
+def ref_causal_depthwise_conv(h, weight, bias):
+    """h (B, T, C); weight (C, 1, k): out[t, c] = bias[c] + sum_j w[c, 0, j] * h[t - (k-1) + j, c]."""
+    B, T, C = h.shape
+    k = weight.shape[-1]
+    out = torch.zeros_like(h)
+    for b in range(B):
+        for t in range(T):
+            acc = bias.clone()
+            for j in range(k):
+                src = t - (k - 1) + j
+                if src >= 0:  # zero padding on the left only
+                    acc = acc + weight[:, 0, j] * h[b, src, :]
+            out[b, t, :] = acc
+    return out
+
+
+def ref_memory_read(h, M):
+    scores = torch.einsum("btc,sc->bts", h, M)  # no 1/sqrt(C) scaling
+    e = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+    w = e / e.sum(dim=-1, keepdim=True)
+    return torch.einsum("bts,sc->btc", w, M)
+
+
+def ref_forward(sd: dict, idx: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    sd = {k: v.detach().to(torch.float64) for k, v in sd.items()}
+    B, T = idx.shape
+    C = cfg.N_EMBED
+    tok = sd["token_embedding.weight"][idx]  # (B, T, C)
+    pos = sd["pos_embedding.weight"][:T]  # (T, C)
+    x = tok + pos
+    for i in range(cfg.N_LAYER):
+        p = f"blocks.{i}."
+        h = ref_layernorm(x, sd[p + "ln1.weight"], sd[p + "ln1.bias"])
+        paths = []
+        if cfg.USE_LOCAL:
+            paths.append(ref_causal_depthwise_conv(h, sd[p + "causal_conv.weight"], sd[p + "causal_conv.bias"]))
+        if cfg.USE_GLOBAL:
+            paths.append(ref_memory_read(h, sd[p + "memory_bank"]))
+        if cfg.USE_GATE:
+            g = ref_linear(h, sd[p + "gate.weight"], sd[p + "gate.bias"])
+            assert g.shape[-1] == len(paths) * C
+            fused = sum(ref_sigmoid(g[..., n * C:(n + 1) * C]) * path for n, path in enumerate(paths))
+        else:
+            fused = sum(paths)
+        x = x + fused
+        h2 = ref_layernorm(x, sd[p + "ln2.weight"], sd[p + "ln2.bias"])
+        f = ref_gelu(ref_linear(h2, sd[p + "ffn.0.weight"], sd[p + "ffn.0.bias"]))
+        x = x + ref_linear(f, sd[p + "ffn.2.weight"], sd[p + "ffn.2.bias"])
+    x = ref_layernorm(x, sd["ln_f.weight"], sd["ln_f.bias"])
+    return ref_linear(x, sd["head.weight"])  # bias-free head
+
+
+def ref_cross_entropy(logits, targets):
+    m = logits.max(dim=-1, keepdim=True).values
+    logz = m.squeeze(-1) + torch.log(torch.exp(logits - m).sum(-1))
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logz - picked).mean()
+
+
+def upstream_keys(cfg: ModelConfig) -> set[str]:
+    keys = {"token_embedding.weight", "pos_embedding.weight", "ln_f.weight", "ln_f.bias", "head.weight"}
+    for i in range(cfg.N_LAYER):
+        keys |= {
+            f"blocks.{i}.ln1.weight", f"blocks.{i}.ln1.bias",
+            f"blocks.{i}.ln2.weight", f"blocks.{i}.ln2.bias",
+            f"blocks.{i}.ffn.0.weight", f"blocks.{i}.ffn.0.bias",
+            f"blocks.{i}.ffn.2.weight", f"blocks.{i}.ffn.2.bias",
+        }
+        if cfg.USE_LOCAL:
+            keys |= {f"blocks.{i}.causal_conv.weight", f"blocks.{i}.causal_conv.bias"}
+        if cfg.USE_GLOBAL:
+            keys.add(f"blocks.{i}.memory_bank")
+        if cfg.USE_GATE:
+            keys |= {f"blocks.{i}.gate.weight", f"blocks.{i}.gate.bias"}
+    return keys
+
+
+def random_upstream_state_dict(cfg: ModelConfig, seed: int = 123) -> dict:
+    """Upstream-named tensors of the right shapes, built without touching the model."""
+    g = torch.Generator().manual_seed(seed)
+    V, T, C, S, k = cfg.VOCAB_SIZE, cfg.BLOCK_SIZE, cfg.N_EMBED, cfg.NUM_MEMORY_SLOTS, cfg.CONV_KERNEL_SIZE
+
+    def r(*shape, scale=0.5):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    emb = r(V, C)
+    sd = {"token_embedding.weight": emb, "pos_embedding.weight": r(T, C),
+          "ln_f.weight": 1 + r(C, scale=0.1), "ln_f.bias": r(C, scale=0.1), "head.weight": emb.clone()}
+    n_paths = int(cfg.USE_LOCAL) + int(cfg.USE_GLOBAL)
+    for i in range(cfg.N_LAYER):
+        p = f"blocks.{i}."
+        sd[p + "ln1.weight"], sd[p + "ln1.bias"] = 1 + r(C, scale=0.1), r(C, scale=0.1)
+        sd[p + "ln2.weight"], sd[p + "ln2.bias"] = 1 + r(C, scale=0.1), r(C, scale=0.1)
+        sd[p + "ffn.0.weight"], sd[p + "ffn.0.bias"] = r(4 * C, C), r(4 * C, scale=0.1)
+        sd[p + "ffn.2.weight"], sd[p + "ffn.2.bias"] = r(C, 4 * C, scale=0.2), r(C, scale=0.1)
+        if cfg.USE_LOCAL:
+            sd[p + "causal_conv.weight"], sd[p + "causal_conv.bias"] = r(C, 1, k), r(C, scale=0.1)
+        if cfg.USE_GLOBAL:
+            sd[p + "memory_bank"] = r(S, C)
+        if cfg.USE_GATE:
+            sd[p + "gate.weight"], sd[p + "gate.bias"] = r(n_paths * C, C), r(n_paths * C, scale=0.1)
+    assert set(sd) == upstream_keys(cfg)
+    return sd
+
+
+# --------------------------------------------------------------------------
+# 1. Parameter counts at the paper configuration, weight tying
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        pytest.param(dict(), 22_599_680, id="full"),
+        pytest.param(dict(USE_GATE=False, USE_LOCAL=False), 19_435_520, id="global_only"),
+        pytest.param(dict(USE_GATE=False), 19_447_808, id="sum_fusion"),
+        pytest.param(dict(USE_GATE=False, USE_GLOBAL=False), 17_874_944, id="local_only"),
+    ],
+)
+def test_paper_parameter_counts(flags, expected):
+    model = GAM_Model(ModelConfig(**flags))
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert sum(unique.values()) == expected
+    assert model.num_params() == expected
+
+
+def test_head_tied_to_token_embedding():
+    model = make_model(double=False)
+    assert model.head.weight is model.token_embedding.weight
+    sd = model.state_dict()
+    assert sd["head.weight"].data_ptr() == sd["token_embedding.weight"].data_ptr()
+    # A change to one is seen by the other.
+    with torch.no_grad():
+        model.token_embedding.weight[3, 0] = 7.0
+    assert model.head.weight[3, 0].item() == 7.0
+
+
+# --------------------------------------------------------------------------
+# 2. Forward pass and loss against the float64 reference
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [pytest.param(1, id="k1"), pytest.param(3, id="k3"), pytest.param(4, id="k4")])
+@pytest.mark.parametrize("flags", VARIANTS)
+def test_forward_matches_float64_reference(flags, k):
+    model = make_model(CONV_KERNEL_SIZE=k, **flags)
+    cfg = model.config
+    # Non-trivial LayerNorm affine parameters so they are exercised too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith(("ln1.bias", "ln2.bias", "ln_f.bias")):
+                p.add_(0.1 * torch.randn_like(p))
+    idx = rand_idx(cfg, B=2, T=cfg.BLOCK_SIZE)
+    targets = rand_idx(cfg, B=2, T=cfg.BLOCK_SIZE, seed=2)
+    with torch.no_grad():
+        logits, loss = model(idx, targets=targets)
+    ref = ref_forward(model.state_dict(), idx, cfg)
+    assert logits.dtype == torch.float64
+    assert logits.shape == (2, cfg.BLOCK_SIZE, cfg.VOCAB_SIZE)
+    assert (logits - ref).abs().max().item() < 1e-10
+    assert abs(loss.item() - ref_cross_entropy(ref, targets).item()) < 1e-10
+
+
+def test_forward_shorter_than_block_size_and_no_targets():
+    model = make_model()
+    idx = rand_idx(model.config, B=3, T=5)
+    with torch.no_grad():
+        logits, loss = model(idx)
+    assert loss is None
+    assert (logits - ref_forward(model.state_dict(), idx, model.config)).abs().max().item() < 1e-10
+
+
+# --------------------------------------------------------------------------
+# 3. Causality
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", VARIANTS[:4])
+def test_causality(flags):
+    model = make_model(**flags)
+    cfg = model.config
+    T = cfg.BLOCK_SIZE
+    idx = rand_idx(cfg, B=2, T=T)
+    with torch.no_grad():
+        base, _ = model(idx)
+        for t in (0, 3, 7, T - 2):
+            changed = idx.clone()
+            changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.arange(T - t - 1)) % cfg.VOCAB_SIZE
+            assert not torch.equal(changed[:, t + 1:], idx[:, t + 1:])
+            out, _ = model(changed)
+            assert (out[:, : t + 1] - base[:, : t + 1]).abs().max().item() <= 1e-12
+            # Sanity: the changed future does change the future logits.
+            assert (out[:, t + 1:] - base[:, t + 1:]).abs().max().item() > 1e-6
+
+
+# --------------------------------------------------------------------------
+# 4. Receptive field
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n_layer, k",
+    [pytest.param(2, 3, id="L2_k3"), pytest.param(3, 2, id="L3_k2"),
+     pytest.param(2, 4, id="L2_k4"), pytest.param(2, 1, id="L2_k1")],
+)
+def test_receptive_field_is_tight(n_layer, k):
+    model = make_model(N_LAYER=n_layer, CONV_KERNEL_SIZE=k)
+    cfg = model.config
+    reach = n_layer * (k - 1)
+    assert model.receptive_field == reach + 1
+    idx = rand_idx(cfg, B=2)
+    with torch.no_grad():
+        base, _ = model(idx)
+        for t in (reach, reach + 2, cfg.BLOCK_SIZE - 1):
+            first = t - reach  # earliest position the logits at t may depend on
+            if first > 0:
+                older = idx.clone()
+                older[:, :first] = (older[:, :first] + 7) % cfg.VOCAB_SIZE
+                out, _ = model(older)
+                assert (out[:, t] - base[:, t]).abs().max().item() <= 1e-12
+            edge = idx.clone()
+            edge[:, first] = (edge[:, first] + 11) % cfg.VOCAB_SIZE
+            out, _ = model(edge)
+            assert (out[:, t] - base[:, t]).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("gate", [pytest.param(False, id="no_gate"), pytest.param(True, id="gated")])
+def test_global_only_is_per_token(gate):
+    model = make_model(USE_GATE=gate, USE_LOCAL=False)
+    cfg = model.config
+    assert model.receptive_field == 1
+    T = cfg.BLOCK_SIZE
+    idx = rand_idx(cfg, B=2)
+    with torch.no_grad():
+        base, _ = model(idx)
+        # Every other token changed: logits at t depend only on (token t, position t).
+        other = (idx + 1 + torch.arange(T)) % cfg.VOCAB_SIZE
+        for t in (0, 5, T - 1):
+            mixed = other.clone()
+            mixed[:, t] = idx[:, t]
+            out, _ = model(mixed)
+            assert (out[:, t] - base[:, t]).abs().max().item() <= 1e-12
+        # ... and on position: the same token at two positions gives different logits.
+        same = torch.full((1, T), 4)
+        out, _ = model(same)
+        assert (out[0, 0] - out[0, 1]).abs().max().item() > 1e-6
+
+
+# --------------------------------------------------------------------------
+# 5. Upstream state_dict keys, strict loading, checkpoint round trip
+# --------------------------------------------------------------------------
+
+UPSTREAM_KEYS_2_LAYERS = {
+    "token_embedding.weight", "pos_embedding.weight",
+    "blocks.0.memory_bank", "blocks.0.causal_conv.weight", "blocks.0.causal_conv.bias",
+    "blocks.0.gate.weight", "blocks.0.gate.bias",
+    "blocks.0.ffn.0.weight", "blocks.0.ffn.0.bias", "blocks.0.ffn.2.weight", "blocks.0.ffn.2.bias",
+    "blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.ln2.weight", "blocks.0.ln2.bias",
+    "blocks.1.memory_bank", "blocks.1.causal_conv.weight", "blocks.1.causal_conv.bias",
+    "blocks.1.gate.weight", "blocks.1.gate.bias",
+    "blocks.1.ffn.0.weight", "blocks.1.ffn.0.bias", "blocks.1.ffn.2.weight", "blocks.1.ffn.2.bias",
+    "blocks.1.ln1.weight", "blocks.1.ln1.bias", "blocks.1.ln2.weight", "blocks.1.ln2.bias",
+    "ln_f.weight", "ln_f.bias", "head.weight",
+}
+
+
+def test_state_dict_keys_and_shapes_match_upstream():
+    model = make_model(double=False)
+    sd = model.state_dict()
+    assert set(sd) == UPSTREAM_KEYS_2_LAYERS
+    V, T, C, S, k = 50, 16, 8, 6, 3
+    expected_shapes = {
+        "token_embedding.weight": (V, C), "pos_embedding.weight": (T, C), "head.weight": (V, C),
+        "ln_f.weight": (C,), "ln_f.bias": (C,),
+        "blocks.0.memory_bank": (S, C), "blocks.0.causal_conv.weight": (C, 1, k),
+        "blocks.0.causal_conv.bias": (C,), "blocks.0.gate.weight": (2 * C, C), "blocks.0.gate.bias": (2 * C,),
+        "blocks.0.ffn.0.weight": (4 * C, C), "blocks.0.ffn.0.bias": (4 * C,),
+        "blocks.0.ffn.2.weight": (C, 4 * C), "blocks.0.ffn.2.bias": (C,),
+        "blocks.0.ln1.weight": (C,), "blocks.0.ln2.bias": (C,),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(sd[key].shape) == shape, key
+
+
+@pytest.mark.parametrize("flags", VARIANTS)
+def test_ablation_state_dict_keys(flags):
+    model = make_model(double=False, **flags)
+    assert set(model.state_dict()) == upstream_keys(model.config)
+
+
+@pytest.mark.parametrize("flags", [VARIANTS[0], VARIANTS[3], VARIANTS[4]])
+def test_load_independent_upstream_state_dict(flags):
+    cfg = small_config(**flags)
+    sd = random_upstream_state_dict(cfg)
+    torch.manual_seed(99)
+    model = GAM_Model(cfg).double().eval()
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    idx = rand_idx(cfg, B=2)
+    with torch.no_grad():
+        logits, _ = model(idx)
+    ref = ref_forward(sd, idx, cfg)
+    assert (logits - ref).abs().max().item() < 1e-10
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = make_model(seed=3, double=False)
+    path = tmp_path / "gam.pt"
+    torch.save(model.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)
+    fresh = make_model(seed=4, double=False)
+    idx = rand_idx(model.config, B=2)
+    with torch.no_grad():
+        before, _ = fresh(idx)
+        fresh.load_state_dict(loaded, strict=True)
+        expected, _ = model(idx)
+        got, _ = fresh(idx)
+    assert not torch.equal(before, expected)  # the fresh model really was different
+    assert torch.equal(got, expected)
+    assert fresh.head.weight is fresh.token_embedding.weight  # tying survives loading
+
+
+# --------------------------------------------------------------------------
+# 6. Backward
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", VARIANTS)
+def test_every_parameter_gets_a_finite_gradient(flags):
+    model = make_model(double=False, **flags).train()
+    idx = rand_idx(model.config, B=2)
+    _, loss = model(idx, targets=rand_idx(model.config, B=2, seed=5))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+# --------------------------------------------------------------------------
+# 7. generate
+# --------------------------------------------------------------------------
+
+
+def greedy_by_hand(model, idx, n):
+    out = idx.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(out[:, -model.config.BLOCK_SIZE:])
+            out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "t0, n",
+    [pytest.param(4, 6, id="fits"), pytest.param(10, 20, id="crops_context"),
+     pytest.param(16, 3, id="prompt_fills_block"), pytest.param(20, 3, id="prompt_longer_than_block")],
+)
+def test_generate_shape_prompt_and_greedy(t0, n):
+    model = make_model(double=False)
+    idx = rand_idx(model.config, B=2, T=t0)
+    out = model.generate(idx, n, top_k=1)
+    assert out.shape == (2, t0 + n)
+    assert torch.equal(out[:, :t0], idx)
+    assert torch.equal(out, greedy_by_hand(model, idx, n))
+    sampled = model.generate(idx, n)
+    assert sampled.shape == (2, t0 + n)
+    assert torch.equal(sampled[:, :t0], idx)
+    assert int(sampled.min()) >= 0 and int(sampled.max()) < model.config.VOCAB_SIZE
+
+
+def test_generate_zero_new_tokens_returns_prompt():
+    model = make_model(double=False)
+    idx = rand_idx(model.config, B=2, T=5)
+    assert torch.equal(model.generate(idx, 0), idx)
+
+
+def test_generate_seeding():
+    model = make_model(double=False)
+    idx = rand_idx(model.config, B=2, T=3)
+    torch.manual_seed(0)
+    a = model.generate(idx, 20)
+    torch.manual_seed(0)
+    b = model.generate(idx, 20)
+    torch.manual_seed(1)
+    c = model.generate(idx, 20)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_generate_honours_generator():
+    model = make_model(double=False)
+    idx = rand_idx(model.config, B=2, T=3)
+    torch.manual_seed(5)
+    a = model.generate(idx, 20, generator=torch.Generator().manual_seed(42))
+    torch.manual_seed(6)  # the global RNG must not matter when a generator is given
+    b = model.generate(idx, 20, generator=torch.Generator().manual_seed(42))
+    c = model.generate(idx, 20, generator=torch.Generator().manual_seed(43))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    g = torch.Generator().manual_seed(42)
+    state = g.get_state()
+    model.generate(idx, 2, generator=g)
+    assert not torch.equal(g.get_state(), state)  # the generator was consumed
+
+
+# --------------------------------------------------------------------------
+# 8. Bad inputs and configurations
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return make_model(double=False)
+
+
+@pytest.mark.parametrize(
+    "make_idx, make_targets, match",
+    [
+        pytest.param(lambda: torch.zeros(1, 17, dtype=torch.long), None, "BLOCK_SIZE", id="too_long"),
+        pytest.param(lambda: torch.tensor([[1, -1, 2]]), None, "VOCAB_SIZE", id="negative_id"),
+        pytest.param(lambda: torch.tensor([[1, 50, 2]]), None, "VOCAB_SIZE", id="id_equals_vocab"),
+        pytest.param(lambda: torch.zeros(1, 4), None, "integer", id="float_idx"),
+        pytest.param(lambda: torch.zeros(4, dtype=torch.long), None, "shape", id="1d_idx"),
+        pytest.param(lambda: torch.zeros(2, 4, dtype=torch.long), lambda: torch.zeros(2, 3, dtype=torch.long),
+                     "targets", id="targets_wrong_shape"),
+        pytest.param(lambda: torch.zeros(2, 4, dtype=torch.long), lambda: torch.zeros(8, dtype=torch.long),
+                     "targets", id="targets_flat"),
+        pytest.param(lambda: torch.zeros(1, 3, dtype=torch.long), lambda: torch.tensor([[0, 50, 1]]),
+                     "VOCAB_SIZE", id="target_equals_vocab"),
+        pytest.param(lambda: torch.zeros(1, 3, dtype=torch.long), lambda: torch.tensor([[0, -2, 1]]),
+                     "VOCAB_SIZE", id="target_negative"),
+    ],
+)
+def test_forward_rejects_bad_inputs(tiny_model, make_idx, make_targets, match):
+    targets = make_targets() if make_targets else None
+    with pytest.raises(ValueError, match=match):
+        tiny_model(make_idx(), targets=targets)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        pytest.param(dict(VOCAB_SIZE=0), "VOCAB_SIZE", id="vocab_0"),
+        pytest.param(dict(VOCAB_SIZE=-5), "VOCAB_SIZE", id="vocab_negative"),
+        pytest.param(dict(N_EMBED=0), "N_EMBED", id="embed_0"),
+        pytest.param(dict(N_LAYER=0), "N_LAYER", id="layers_0"),
+        pytest.param(dict(BLOCK_SIZE=0), "BLOCK_SIZE", id="block_0"),
+        pytest.param(dict(NUM_MEMORY_SLOTS=0), "NUM_MEMORY_SLOTS", id="slots_0"),
+        pytest.param(dict(CONV_KERNEL_SIZE=0), "CONV_KERNEL_SIZE", id="kernel_0"),
+        pytest.param(dict(DROPOUT=-0.1), "DROPOUT", id="dropout_negative"),
+        pytest.param(dict(DROPOUT=1.0), "DROPOUT", id="dropout_1"),
+        pytest.param(dict(USE_LOCAL=False, USE_GLOBAL=False), "pathway", id="no_pathway_gated"),
+        pytest.param(dict(USE_LOCAL=False, USE_GLOBAL=False, USE_GATE=False), "pathway", id="no_pathway_ungated"),
+    ],
+)
+def test_invalid_config_rejected(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param(dict(max_new_tokens=3, temperature=0.0), "temperature", id="temperature_0"),
+        pytest.param(dict(max_new_tokens=3, temperature=-1.0), "temperature", id="temperature_negative"),
+        pytest.param(dict(max_new_tokens=-1), "max_new_tokens", id="negative_new_tokens"),
+        pytest.param(dict(max_new_tokens=3, top_k=0), "top_k", id="top_k_0"),
+    ],
+)
+def test_generate_rejects_bad_arguments(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model.generate(torch.zeros(1, 2, dtype=torch.long), **kwargs)
+
+
+def test_generate_checks_ids_before_the_cropped_window(tiny_model):
+    prompt = torch.zeros(1, 40, dtype=torch.long)  # longer than BLOCK_SIZE=16: cropped when fed
+    prompt[0, 0] = 50                              # invalid id outside the last 16 tokens
+    with pytest.raises(ValueError, match="VOCAB_SIZE"):
+        tiny_model.generate(prompt, max_new_tokens=1)
+
+
+def test_ignored_targets_are_accepted(tiny_model):
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    targets = torch.tensor([[1, -100, 2, -100]])
+    _, loss = tiny_model(idx, targets=targets)
+    logits, _ = tiny_model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[0, [0, 2]], torch.tensor([1, 2]))
+    torch.testing.assert_close(loss, expected)
+
+
+# --------------------------------------------------------------------------
+# 9. The usage example of the paper's repository
+# --------------------------------------------------------------------------
+
+
+def test_readme_usage_example():
+    torch.manual_seed(0)
+    config = ModelConfig(VOCAB_SIZE=10000, BLOCK_SIZE=256, N_EMBED=512, N_LAYER=6, NUM_MEMORY_SLOTS=512,
+                         CONV_KERNEL_SIZE=3)
+    model = GAM_Model(config)
+    dummy_input = torch.randint(0, config.VOCAB_SIZE, (8, 128))
+    logits, loss = model(dummy_input, targets=dummy_input)
+    assert logits.shape == (8, 128, 10000)
+    assert math.isfinite(loss.item())
+    assert abs(loss.item() - math.log(10000)) < 1.5

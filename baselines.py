@@ -1,0 +1,480 @@
+"""The paper's baselines: a GPT-style Transformer and a Mamba language model.
+
+Both reuse the LM frame of ``gam_model.CausalLM`` (token + position embedding,
+dropout, N_LAYER blocks, final LayerNorm, tied head), so the three models of
+the paper differ only in their blocks:
+
+    GAM:          gam_model.GAMBlock
+    Transformer:  x = x + Attn(ln_1(x)); x = x + ffn(ln_2(x))      (pre-norm GPT)
+    Mamba:        x = mixer(x)                                      (the author's stacking:
+                                                                     no residual, no norm)
+                  x = x + mixer(norm(x))                            (residual=True: the
+                                                                     standard Mamba LM block)
+
+Attention comes in two flavours with the same parameters and the same math:
+``"naive"`` materialises the (T, T) score matrix, as the reference scripts (and
+so the paper's timings) do; ``"sdpa"`` calls ``F.scaled_dot_product_attention``
+(fused, O(T) memory on GPU).
+
+The Mamba mixer is the official ``mamba_ssm.Mamba`` when it is installed and the
+model lives on CUDA; otherwise a pure-PyTorch mixer built on
+``transformers``' ``MambaMixer`` (same parameter names, shapes and
+initialisation as ``mamba_ssm.Mamba``, so state dicts move between the two)
+whose selective scan is the parallel (Blelloch) scan of ``mambapy``.
+
+Parameter counts at ``ModelConfig()`` (the paper's config), exact:
+Transformer 24,166,400; Mamba (reference stacking) 20,504,576.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "MAMBA_IMPLS",
+    "MODEL_NAMES",
+    "BLOCK_NAMES",
+    "CausalSelfAttention",
+    "TransformerBlock",
+    "TransformerLM",
+    "MambaResidualBlock",
+    "MambaLM",
+    "build_mamba_mixer",
+    "build_lm",
+    "build_block",
+]
+
+ATTENTION_IMPLS = ("naive", "sdpa")
+MAMBA_IMPLS = ("auto", "mamba_ssm", "hf")
+MODEL_NAMES = ("gam", "transformer", "mamba")
+BLOCK_NAMES = ("gam", "transformer", "transformer-sdpa", "mamba")
+
+
+# ----------------------------------------------------------------------------------------
+# Transformer
+# ----------------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: (B, T, C) -> (B, T, C).
+
+    One fused ``c_attn = Linear(C, 3C)`` (q, k, v in that order), ``n_head`` heads of
+    ``C // n_head``, softmax(q k^T / sqrt(head_dim)) under a causal mask, dropout on the
+    attention weights, ``c_proj = Linear(C, C)``, dropout. Works for any T (no cap).
+    """
+
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive"):
+        super().__init__()
+        C = config.N_EMBED
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+            raise ValueError(f"n_head must be a positive integer, got {n_head!r}")
+        if C % n_head != 0:
+            raise ValueError(f"N_EMBED={C} is not divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.head_dim = C // n_head
+        self.attention = attention
+        self.dropout = config.DROPOUT
+        self.c_attn = nn.Linear(C, 3 * C)
+        self.c_proj = nn.Linear(C, C)
+        self.attn_dropout = nn.Dropout(config.DROPOUT)
+        self.resid_dropout = nn.Dropout(config.DROPOUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)                               # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)           # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)           # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)           # (B, nh, T, hd)
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )                                                                  # (B, nh, T, hd)
+        else:
+            # The full (T, T) matrix, as the reference code: this is what makes the
+            # paper's Transformer O(T^2) in memory. The mask is built on the fly (not a
+            # buffer) so any T works and the state_dict holds parameters only.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            att = att.masked_fill(~causal, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v                                                        # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                       # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))                              # (B, T, C)
+
+
+class TransformerBlock(nn.Module):
+    """GPT-style pre-norm block: (B, T, C) -> (B, T, C).
+
+    ``x = x + attn(ln_1(x)); x = x + ffn(ln_2(x))`` with the same FFN as the GAM block.
+    """
+
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive"):
+        super().__init__()
+        C = config.N_EMBED
+        self.ln_1 = nn.LayerNorm(C)
+        self.attn = CausalSelfAttention(config, n_head=n_head, attention=attention)
+        self.ln_2 = nn.LayerNorm(C)
+        self.ffn = nn.Sequential(
+            nn.Linear(C, 4 * C),
+            nn.GELU(),  # exact (erf) GELU, as in GAMBlock
+            nn.Linear(4 * C, C),
+            nn.Dropout(config.DROPOUT),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))                                        # (B, T, C)
+        return x + self.ffn(self.ln_2(x))                                      # (B, T, C)
+
+
+class TransformerLM(CausalLM):
+    """The paper's Transformer baseline (24,166,400 parameters at ``ModelConfig()``).
+
+    >>> model = TransformerLM(ModelConfig(), n_head=8, attention="sdpa")
+    >>> logits, loss = model(idx, targets=idx)   # idx: (B, T) long, T <= BLOCK_SIZE
+    """
+
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive"):
+        # Plain attributes first: CausalLM.__init__ calls _build_block.
+        self.n_head = n_head
+        self.attention = attention
+        self.implementation = f"transformer-{attention}"
+        super().__init__(config)
+
+    def _build_block(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+        return TransformerBlock(config, n_head=self.n_head, attention=self.attention)
+
+
+# ----------------------------------------------------------------------------------------
+# Mamba
+# ----------------------------------------------------------------------------------------
+
+def _import_mamba_ssm():
+    """``mamba_ssm.Mamba``, or None where it is not installed (it needs CUDA to install).
+
+    Imported lazily so that this module, and everything but the CUDA Mamba, works without it.
+    """
+    try:
+        from mamba_ssm import Mamba
+    except Exception:  # ImportError, or a broken CUDA build failing at import time
+        return None
+    return Mamba
+
+
+def _import_pscan():
+    """mambapy's parallel scan, or None (then the fallback scans sequentially: slow)."""
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        return None
+    return pscan
+
+
+def _sequential_scan(deltaA: torch.Tensor, deltaBx: torch.Tensor) -> torch.Tensor:
+    """h_t = deltaA_t * h_{t-1} + deltaBx_t with h_{-1} = 0; (B, L, D, N) -> (B, L, D, N)."""
+    h = torch.zeros_like(deltaBx[:, 0])                                        # (B, D, N)
+    hs = []
+    for t in range(deltaBx.shape[1]):
+        h = deltaA[:, t] * h + deltaBx[:, t]
+        hs.append(h)
+    return torch.stack(hs, dim=1)                                              # (B, L, D, N)
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_mixer_fallback_class() -> type:
+    """Build (once) the pure-PyTorch mixer class on top of transformers' ``MambaMixer``.
+
+    transformers is imported here, not at module level: only this path needs it.
+    """
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    class MambaMixerFallback(MambaMixer):
+        """Pure-PyTorch Mamba mixer, a drop-in for ``mamba_ssm.Mamba``: (B, T, C) -> (B, T, C).
+
+        Parameters (names, shapes, order, initialisation) are those of ``mamba_ssm.Mamba``:
+        in_proj (no bias), conv1d (bias), x_proj, dt_proj, A_log, D, out_proj (no bias).
+
+        ``forward`` is our own rather than ``MambaMixer.forward``: the latter routes through
+        functions that transformers swaps for mamba_ssm's CUDA kernels whenever mamba_ssm is
+        importable (so this "fallback" would then not be pure PyTorch, and would fail on CPU
+        tensors), it casts the scan to float32, and it needs cache plumbing we do not use.
+        The scan is mambapy's parallel scan in training and eval mode alike.
+        """
+
+        def __init__(self, config, layer_idx: int = 0):
+            super().__init__(config, layer_idx)
+            # mamba_ssm's registration order, so named_parameters()/state_dict() list the
+            # same keys in the same order as mamba_ssm.Mamba.
+            for name in ("in_proj", "conv1d", "act", "x_proj", "dt_proj", "out_proj"):
+                if name in self._modules:
+                    self._modules[name] = self._modules.pop(name)
+            self._pscan = _import_pscan() if config.use_mambapy else None
+            self.scan_impl = "mambapy" if self._pscan is not None else "sequential"
+            self.reset_mamba_parameters(
+                dt_min=config.time_step_min,
+                dt_max=config.time_step_max,
+                dt_init_floor=config.time_step_floor,
+                dt_scale=config.time_step_scale,
+            )
+
+        @torch.no_grad()
+        def reset_mamba_parameters(self, dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, dt_scale=1.0):
+            """mamba_ssm.Mamba's initialisation of dt_proj, A_log and D (the rest: PyTorch defaults).
+
+            Done here rather than trusting transformers' init, which moved between versions.
+            """
+            D_inner, N, R = self.intermediate_size, self.ssm_state_size, self.time_step_rank
+            dt_init_std = R ** -0.5 * dt_scale
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+            # softplus(dt_proj.bias) log-uniform in [dt_min, dt_max], floored.
+            dt = torch.exp(
+                torch.rand(D_inner, device=self.dt_proj.bias.device)
+                * (math.log(dt_max) - math.log(dt_min))
+                + math.log(dt_min)
+            ).clamp(min=dt_init_floor)
+            inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+            self.dt_proj.bias.copy_(inv_dt)
+            A = torch.arange(1, N + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(A).expand(D_inner, N))  # S4D-real: A = -(1..N)
+            self.D.fill_(1.0)
+            # The same markers as mamba_ssm (used by optimizers/init schemes that honour them).
+            self.dt_proj.bias._no_reinit = True
+            self.A_log._no_weight_decay = True
+            self.D._no_weight_decay = True
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            """hidden_states: (B, L, C) -> (B, L, C)."""
+            L = hidden_states.shape[1]
+            N, R = self.ssm_state_size, self.time_step_rank
+            x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                # 2 x (B, L, D)
+            # Depthwise conv padded by d_conv-1 on both sides; the first L outputs are causal.
+            x = self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2)        # (B, L, D)
+            x = F.silu(x)
+            dt, Bm, Cm = torch.split(self.x_proj(x), [R, N, N], dim=-1)        # (B,L,R),(B,L,N),(B,L,N)
+            dt = F.softplus(self.dt_proj(dt))                                  # (B, L, D), bias inside
+            # Scan in at least float32 (as mamba_ssm's kernels do), also under fp16 autocast.
+            sdt = torch.promote_types(x.dtype, torch.float32)
+            dt, Bm, Cm, xs = dt.to(sdt), Bm.to(sdt), Cm.to(sdt), x.to(sdt)
+            A = -torch.exp(self.A_log.to(sdt))                                 # (D, N)
+            deltaA = torch.exp(dt.unsqueeze(-1) * A)                           # (B, L, D, N)
+            deltaBx = (dt * xs).unsqueeze(-1) * Bm.unsqueeze(2)                # (B, L, D, N)
+            if self._pscan is not None:
+                hs = self._pscan(deltaA, deltaBx)                              # (B, L, D, N)
+            else:
+                hs = _sequential_scan(deltaA, deltaBx)                         # (B, L, D, N)
+            y = (hs @ Cm.unsqueeze(-1)).squeeze(-1)                            # (B, L, D): C_t . h_t
+            y = y + self.D.to(sdt) * xs                                        # skip connection
+            y = y.to(x.dtype) * F.silu(z)                                      # gate
+            return self.out_proj(y)                                            # (B, L, C)
+
+    MambaMixerFallback.__module__ = __name__
+    MambaMixerFallback.__qualname__ = "MambaMixerFallback"
+    return MambaMixerFallback
+
+
+def __getattr__(name: str):
+    # PEP 562: ``baselines.MambaMixerFallback`` resolves lazily (it imports transformers),
+    # which also lets pickle find the class.
+    if name == "MambaMixerFallback":
+        return _mamba_mixer_fallback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.empty(0).device  # the current default device
+    return torch.device(device)
+
+
+def build_mamba_mixer(
+    d_model: int,
+    d_state: int = 16,
+    d_conv: int = 4,
+    expand: int = 3,
+    impl: str = "auto",
+    device=None,
+) -> tuple[nn.Module, str]:
+    """One Mamba mixer (B, T, d_model) -> (B, T, d_model), placed on ``device``.
+
+    impl: ``"mamba_ssm"`` (official CUDA kernels; CUDA only), ``"hf"`` (pure PyTorch,
+    transformers' MambaMixer parameters + mambapy parallel scan) or ``"auto"``
+    (mamba_ssm if importable and ``device`` is CUDA, else hf).
+    dt_rank = ceil(d_model / 16); no in/out-proj bias; conv bias on (mamba_ssm defaults).
+
+    Returns ``(mixer, implementation_name)``, the name being ``"mamba_ssm"``,
+    ``"mamba-hf-mambapy"`` or (mambapy missing) ``"mamba-hf-sequential"``.
+    """
+    for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if impl not in MAMBA_IMPLS:
+        raise ValueError(f"mamba impl must be one of {MAMBA_IMPLS}, got {impl!r}")
+    dev = _resolve_device(device)
+    Mamba = _import_mamba_ssm() if impl in ("auto", "mamba_ssm") else None
+    if impl == "mamba_ssm":
+        if Mamba is None:
+            raise ImportError(
+                "impl='mamba_ssm' needs the mamba-ssm package (CUDA only): "
+                "pip install mamba-ssm causal-conv1d --no-build-isolation; or use impl='hf'"
+            )
+        if dev.type != "cuda":
+            raise ValueError(f"impl='mamba_ssm' runs on CUDA only, got device {str(dev)!r}; use impl='hf'")
+    if Mamba is not None and dev.type == "cuda":
+        mixer = Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev)
+        return mixer, "mamba_ssm"
+
+    from transformers import MambaConfig
+
+    hf_config = MambaConfig(
+        hidden_size=d_model,
+        state_size=d_state,
+        conv_kernel=d_conv,
+        expand=expand,
+        time_step_rank=math.ceil(d_model / 16),
+        use_bias=False,
+        use_conv_bias=True,
+        hidden_act="silu",
+        use_mambapy=True,
+        time_step_min=1e-3,
+        time_step_max=1e-1,
+        time_step_floor=1e-4,
+        time_step_scale=1.0,
+        num_hidden_layers=1,
+    )
+    mixer = _mamba_mixer_fallback_class()(hf_config, layer_idx=0).to(dev)
+    return mixer, f"mamba-hf-{mixer.scan_impl}"
+
+
+class MambaResidualBlock(nn.Module):
+    """The standard Mamba LM block: x + mixer(norm(x)), (B, T, C) -> (B, T, C).
+
+    Names ``norm`` / ``mixer`` as mamba_ssm's ``Block``. LayerNorm (2C parameters).
+    """
+
+    def __init__(self, d_model: int, mixer: nn.Module):
+        super().__init__()
+        self.mixer = mixer  # registered first, as mamba_ssm's Block (same state_dict order)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))                                    # (B, T, C)
+
+
+class MambaLM(CausalLM):
+    """The paper's Mamba baseline (20,504,576 parameters at ``ModelConfig()``).
+
+    ``residual=False`` (default) stacks the bare mixers, ``x = mixer(x)``, as the reference
+    code (no residual, no per-layer norm); state_dict keys are then ``blocks.i.in_proj.weight``,
+    ``blocks.i.A_log``, ... like mamba_ssm's Mamba. ``residual=True`` uses
+    ``MambaResidualBlock`` (+2C parameters per layer). ``impl``/``device`` choose the mixer
+    (see ``build_mamba_mixer``); with ``device`` given the whole model is moved there.
+    ``self.implementation`` records the mixer implementation used.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 3,
+        residual: bool = False,
+        impl: str = "auto",
+        device=None,
+    ):
+        # Plain attributes first: CausalLM.__init__ calls _build_block.
+        self.d_state, self.d_conv, self.expand = d_state, d_conv, expand
+        self.residual = bool(residual)
+        self.impl = impl
+        self._device = device
+        self.implementation = None  # set by _build_block
+        super().__init__(config)
+        del self._device
+        if device is not None:
+            self.to(device)
+
+    def _build_block(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+        mixer, name = build_mamba_mixer(
+            config.N_EMBED, self.d_state, self.d_conv, self.expand, impl=self.impl, device=self._device
+        )
+        self.implementation = name
+        return MambaResidualBlock(config.N_EMBED, mixer) if self.residual else mixer
+
+
+# ----------------------------------------------------------------------------------------
+# Factories (benchmark.py, scale.py)
+# ----------------------------------------------------------------------------------------
+
+def build_lm(
+    name: str,
+    config: ModelConfig,
+    *,
+    attention: str = "naive",
+    n_head: int = 8,
+    d_state: int = 16,
+    d_conv: int = 4,
+    expand: int = 3,
+    mamba_residual: bool = False,
+    mamba_impl: str = "auto",
+    device=None,
+) -> CausalLM:
+    """One of the paper's language models, moved to ``device`` when given.
+
+    name: ``"gam"`` (gam_model.GAM_Model), ``"transformer"`` (``attention`` ``"naive"`` or
+    ``"sdpa"``, ``n_head`` heads) or ``"mamba"`` (``d_state``, ``d_conv``, ``expand``,
+    ``mamba_residual``, ``mamba_impl``). Options of the other families are ignored, so one
+    call site can build all three. The returned model has an ``implementation`` attribute:
+    ``"gam"``, ``"transformer-naive"``, ``"transformer-sdpa"``, ``"mamba_ssm"``,
+    ``"mamba-hf-mambapy"``, ...
+    """
+    if name == "gam":
+        model = GAM_Model(config)
+        model.implementation = "gam"
+    elif name == "transformer":
+        model = TransformerLM(config, n_head=n_head, attention=attention)
+    elif name == "mamba":
+        model = MambaLM(config, d_state=d_state, d_conv=d_conv, expand=expand,
+                        residual=mamba_residual, impl=mamba_impl, device=device)
+    else:
+        raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def build_block(
+    name: str,
+    d_model: int = 512,
+    *,
+    n_head: int = 8,
+    device=None,
+    block_size: int = 256,
+) -> tuple[nn.Module, str]:
+    """One layer, (B, T, d_model) -> (B, T, d_model), for the scaling study; on ``device``.
+
+    name: ``"gam"`` (GAMBlock, ModelConfig defaults but N_EMBED=d_model), ``"transformer"``
+    (naive attention, as the paper timed), ``"transformer-sdpa"`` or ``"mamba"`` (the bare
+    mixer, d_state 16, d_conv 4, expand 3, whichever implementation ``build_mamba_mixer``
+    picks for ``device``). ``block_size`` only fills ModelConfig.BLOCK_SIZE: none of these
+    blocks limits T. Returns ``(block, implementation_name)``.
+    """
+    if name not in BLOCK_NAMES:
+        raise ValueError(f"unknown block name {name!r}; choose one of {BLOCK_NAMES}")
+    dev = _resolve_device(device)
+    if name == "mamba":
+        return build_mamba_mixer(d_model, d_state=16, d_conv=4, expand=3, impl="auto", device=dev)
+    config = ModelConfig(N_EMBED=d_model, BLOCK_SIZE=block_size)
+    if name == "gam":
+        block, impl_name = GAMBlock(config), "gam"
+    else:
+        attention = "sdpa" if name == "transformer-sdpa" else "naive"
+        block, impl_name = TransformerBlock(config, n_head=n_head, attention=attention), f"transformer-{attention}"
+    return block.to(dev), impl_name

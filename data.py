@@ -1,0 +1,732 @@
+"""Data pipeline for the GAM reproduction: text splits, BPE tokenizer, 257-token blocks.
+
+What the paper / reference ``benchmark.py`` do (SPEC section 3), and how this module
+reproduces it:
+
+* Text comes from the Hugging Face Hub (``Salesforce/wikitext`` ``wikitext-2-raw-v1`` or
+  ``roneneldan/TinyStories``), capped at 50,000 train / 5,000 validation rows with
+  ``select(range(min(cap, len)))``. The same splits can be read from local files
+  (``data_dir``) or generated in code (``"synthetic"``, for smoke tests without a network).
+* A BPE tokenizer (``tokenizers``; Whitespace pre-tokenizer; ``[UNK] [PAD] [SOS] [EOS]``)
+  is trained per dataset. The paper says "on the training corpus"; the reference code
+  trains it on every split, which leaks validation text into the vocabulary. We default
+  to the paper (train only); ``train_on="all"`` reproduces the code.
+* All token ids of a split are concatenated (no separators, no special tokens) and cut
+  into non-overlapping chunks of ``block_size + 1``; the remainder is dropped.
+
+Everything the user can fix (missing files, no network, too little data) raises
+:class:`DataError` with a one-line message; ``benchmark.py`` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import random
+import re
+import sys
+import tempfile
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import datasets
+from datasets import DatasetDict
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.trainers import BpeTrainer
+
+__all__ = [
+    "DataError",
+    "HUB_SOURCES",
+    "SOURCES",
+    "SPECIAL_TOKENS",
+    "TokenBlocks",
+    "build_loaders",
+    "encode_splits",
+    "get_tokenizer",
+    "load_text_splits",
+    "synthetic_corpus",
+]
+
+
+class DataError(Exception):
+    """A problem the user can fix (files, network, data size); the message is one line."""
+
+
+# source name -> (hub path, hub config)
+HUB_SOURCES = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+    "tinystories": ("roneneldan/TinyStories", None),
+}
+SOURCES = (*HUB_SOURCES, "synthetic")
+
+SPECIAL_TOKENS = ("[UNK]", "[PAD]", "[SOS]", "[EOS]")
+# Bump when anything that changes the trained tokenizer changes (model, pre-tokenizer,
+# trainer options, how texts are fed), so that stale cache files are never reused.
+TOKENIZER_FORMAT_VERSION = 1
+
+EOT_MARKER = "<|endoftext|>"
+
+# The words that assign a local file to a split (see _find_split_files).
+_SPLIT_WORDS = {
+    "train": ("train",),
+    "validation": ("valid", "validation", "val"),
+    "test": ("test",),
+}
+_TEXT_SUFFIXES = (".txt", ".raw")
+_JSON_SUFFIXES = (".jsonl", ".json")
+
+
+# ----------------------------------------------------------------------------------------
+# Text splits
+# ----------------------------------------------------------------------------------------
+
+def load_text_splits(
+    source: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_train_rows: int | None = 50_000,
+    max_val_rows: int | None = 5_000,
+) -> DatasetDict:
+    """Return a DatasetDict with splits ``train``, ``validation`` (and ``test`` when
+    present), each with the single column ``text``.
+
+    ``source`` is ``"wikitext2"``, ``"tinystories"`` or ``"synthetic"``. Without
+    ``data_dir`` the first two come from the Hugging Face Hub; with ``data_dir`` the splits
+    are read from local files instead (rule in :func:`_find_split_files`), and ``source``
+    only labels them. Row caps apply to train and validation only, like the reference code;
+    ``None`` means no cap.
+    """
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    caps = {"train": max_train_rows, "validation": max_val_rows}
+
+    if source == "synthetic":
+        if data_dir is not None:
+            raise DataError("the synthetic corpus is generated in code; drop --data-dir or pick another source")
+        texts = synthetic_corpus()
+        splits = DatasetDict({name: datasets.Dataset.from_dict({"text": rows}) for name, rows in texts.items()})
+    elif data_dir is not None:
+        splits = _load_local_splits(Path(data_dir), caps)
+    else:
+        splits = _load_hub_splits(source)
+
+    # Same capping as the reference code: the first `cap` rows (local readers already
+    # stopped there; this is then a no-op).
+    for name, cap in caps.items():
+        if cap is not None and len(splits[name]) > cap:
+            splits[name] = splits[name].select(range(min(cap, len(splits[name]))))
+
+    for name in ("train", "validation"):
+        if len(splits[name]) == 0 or not any(t.strip() for t in _texts(splits[name])):
+            where = data_dir if data_dir is not None else source
+            raise DataError(f"the {name} split of {where} is empty; provide a {name} file with text in it")
+    return splits
+
+
+def _texts(ds: datasets.Dataset) -> list[str]:
+    # Slicing returns a plain list in one Arrow conversion; iterating ds["text"] goes row by
+    # row through a lazy Column and is ~500x slower on 100k rows.
+    return ds[:]["text"] if len(ds) else []
+
+
+def _load_hub_splits(source: str) -> DatasetDict:
+    path, config = HUB_SOURCES[source]
+    hint = "pass --data-dir DIR with local files (see README) or use --preset smoke"
+    # load_dataset retries a dead connection for ~25 s before giving up; one quick request
+    # tells us first. In offline mode load_dataset reads its cache and never connects.
+    if not _hub_offline() and not _hub_reachable():
+        raise DataError(
+            f"could not reach the Hugging Face Hub to download {path} (offline?); {hint}, "
+            "or set HF_HUB_OFFLINE=1 if it is already in your Hugging Face cache"
+        )
+    try:
+        dsd = datasets.load_dataset(path, config) if config else datasets.load_dataset(path)
+    except (ConnectionError, TimeoutError) as e:
+        raise DataError(f"could not download {path} from the Hugging Face Hub (offline?); {hint}") from e
+    except OSError as e:  # e.g. DatasetNotFoundError (a FileNotFoundError), disk full
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"could not load {path} from the Hugging Face Hub ({reason}); {hint}") from e
+    missing = [s for s in ("train", "validation") if s not in dsd]
+    if missing:
+        raise DataError(f"{path} on the Hub has no {' or '.join(missing)} split; {hint}")
+    out = DatasetDict()
+    for name in ("train", "validation", "test"):
+        if name in dsd:
+            ds = dsd[name]
+            extra = [c for c in ds.column_names if c != "text"]
+            out[name] = ds.remove_columns(extra) if extra else ds
+    return out
+
+
+def _hub_offline() -> bool:
+    return bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One HEAD request to the Hub endpoint (proxy settings honoured); any HTTP answer counts."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+    except ImportError:  # very old huggingface_hub: let load_dataset find out itself
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+def _load_local_splits(data_dir: Path, caps: dict[str, int | None]) -> DatasetDict:
+    # Our own readers + Dataset.from_dict rather than load_dataset("text"): that loader cannot
+    # reproduce the Hub's wikitext rows (it keeps " \n" where the Hub has ""), cannot split
+    # on <|endoftext|>, and writes an Arrow copy of every file into the HF cache.
+    files = _find_split_files(data_dir)
+    out = DatasetDict()
+    for name in ("train", "validation", "test"):
+        if name in files:
+            rows = _read_rows(files[name], caps.get(name))
+            out[name] = datasets.Dataset.from_dict({"text": rows})
+    return out
+
+
+def _find_split_files(data_dir: Path) -> dict[str, Path]:
+    """Assign the files of ``data_dir`` (not recursive) to splits.
+
+    Rule: a ``.txt``, ``.raw``, ``.jsonl`` or ``.json`` file belongs to a split when its
+    name, cut at ``.``, ``_``, ``-`` and spaces, contains the word ``train``; ``valid``,
+    ``validation`` or ``val``; or ``test``. This covers WikiText (``wiki.train.raw``,
+    ``wiki.valid.raw``, ``wiki.test.raw``), TinyStories (``TinyStories-train.txt``,
+    ``valid_subset.txt``) and plain ``train.jsonl`` / ``validation.txt``. Two files for the
+    same split is an error rather than a silent choice.
+    """
+    if not data_dir.exists():
+        raise DataError(f"data directory {data_dir} does not exist; pass --data-dir DIR with the text files")
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file; pass the directory that holds the split files")
+    found: dict[str, list[Path]] = {}
+    for p in sorted(data_dir.iterdir()):
+        if not p.is_file() or p.suffix.lower() not in _TEXT_SUFFIXES + _JSON_SUFFIXES:
+            continue
+        words = set(re.split(r"[._\-\s]+", p.stem.lower()))
+        for split, keys in _SPLIT_WORDS.items():
+            if words.intersection(keys):
+                found.setdefault(split, []).append(p)
+    expect = {
+        "train": "train.txt, train.jsonl, wiki.train.raw or train_subset.txt",
+        "validation": "validation.txt, valid.jsonl, wiki.valid.raw or valid_subset.txt",
+    }
+    for split in ("train", "validation"):
+        if split not in found:
+            raise DataError(
+                f"no {split} file in {data_dir}: expected a .txt/.raw/.jsonl/.json file named like {expect[split]}"
+            )
+    for split, paths in found.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            raise DataError(f"several {split} files in {data_dir} ({names}); keep exactly one per split")
+    return {split: paths[0] for split, paths in found.items()}
+
+
+def _read_rows(path: Path, cap: int | None) -> list[str]:
+    try:
+        if path.suffix.lower() in _JSON_SUFFIXES:
+            rows = _read_json_rows(path, cap)
+        elif _file_contains(path, EOT_MARKER.encode()):
+            rows = list(_iter_story_rows(path, cap))
+        else:
+            rows = list(_iter_line_rows(path, cap))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from e
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e}); check the file and its permissions") from e
+    return rows
+
+
+def _file_contains(path: Path, needle: bytes) -> bool:
+    # mmap.find stops at the first hit (a few hundred bytes into a TinyStories file) and
+    # scans a marker-free file at memory speed, without decoding or loading it.
+    if path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return mm.find(needle) != -1
+
+
+def _iter_line_rows(path: Path, cap: int | None) -> Iterator[str]:
+    """One row per line, exactly as the Hub's wikitext builder made its rows.
+
+    That builder did ``for row in open(file, encoding="utf-8"): yield row if row.strip()
+    else ""``: a row KEEPS its trailing "\\n" (train row 1 is " = Valkyria Chronicles III =
+    \\n") and whitespace-only lines become "" (row 0). Text mode with the default
+    ``newline=None`` splits on "\\n" only (after turning "\\r\\n"/"\\r" into "\\n"), unlike
+    ``str.splitlines`` which would also split on \\x0b, \\x1c, \\u2028, ... and change the
+    row count. utf-8-sig drops a leading BOM and is otherwise identical to utf-8.
+    """
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f):
+            if cap is not None and i >= cap:
+                return
+            yield line if line.strip() else ""
+
+
+def _iter_story_rows(path: Path, cap: int | None) -> Iterator[str]:
+    """One row per ``<|endoftext|>``-separated record (official TinyStories .txt format).
+
+    Records are stripped and empty ones skipped. Paragraphs inside a story stay separated by
+    the file's single "\\n" (the Hub's parquet uses a blank line); the Whitespace
+    pre-tokenizer makes the two identical after tokenization. Streams, so a row cap does
+    not read a 2 GB file to the end.
+    """
+    n = 0
+    buf: list[str] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            head, *rest = line.split(EOT_MARKER)
+            buf.append(head)
+            for piece in rest:  # each marker closes the current record
+                story = "".join(buf).strip()
+                buf = [piece]
+                if story:
+                    yield story
+                    n += 1
+                    if cap is not None and n >= cap:
+                        return
+    story = "".join(buf).strip()  # a last record without a closing marker
+    if story:
+        yield story
+
+
+def _read_json_rows(path: Path, cap: int | None) -> list[str]:
+    """``.jsonl``: one object per line; ``.json``: a list of objects, ``{"text": [...]}``,
+    or JSON lines (as ``datasets``' json loader accepts). The ``text`` field is the row."""
+    with open(path, encoding="utf-8-sig") as f:
+        if path.suffix.lower() == ".jsonl":
+            return _take_text(path, _json_lines(path, f), cap)
+        raw = f.read()
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        return _take_text(path, _json_lines(path, raw.splitlines()), cap)
+    if isinstance(obj, dict) and isinstance(obj.get("text"), list):
+        return _take_text(path, ({"text": t} for t in obj["text"]), cap)
+    if isinstance(obj, list):
+        return _take_text(path, obj, cap)
+    raise DataError(f"{path}: expected a list of objects with a 'text' field, or JSON lines")
+
+
+def _take_text(path: Path, records: Iterable, cap: int | None) -> list[str]:
+    rows: list[str] = []
+    for i, rec in enumerate(records):
+        if cap is not None and len(rows) >= cap:
+            break
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise DataError(f"{path}: record {i + 1} has no string 'text' field; every record needs one")
+        rows.append(rec["text"])
+    return rows
+
+
+def _json_lines(path: Path, lines: Iterable[str]) -> Iterator[dict]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg}); fix or remove it") from e
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic corpus
+# ----------------------------------------------------------------------------------------
+
+# Small closed word lists: a few hundred word types, so a ~1000-token BPE vocabulary holds
+# nearly every word whole and the corpus tokenizes to about one token per word.
+_NAME_HEADS = ("Ma", "Te", "Ro", "Li", "Ka", "Su", "De", "Fi", "No", "Ba", "Ze", "Vi")
+_NAME_TAILS = ("rel", "nak", "dor", "mis", "lan", "vet", "sa", "rin", "bo", "tek")
+_NAMES = tuple(h + t for h in _NAME_HEADS for t in _NAME_TAILS)  # 120 names
+_ROLES = ("keeper", "baker", "guard", "weaver", "healer", "painter", "miller", "smith",
+          "hunter", "singer", "teacher", "farmer", "sailor", "potter", "tailor", "brewer",
+          "fisher", "carver", "ranger", "scribe")
+_PLACES = ("lighthouse", "harbor", "mill", "forest", "tower", "bridge", "market", "garden",
+           "castle", "valley", "river", "village", "library", "orchard", "temple",
+           "mountain", "island", "meadow", "quarry", "cellar")
+_COLORS = ("red", "blue", "green", "yellow", "white", "black", "grey", "brown", "golden",
+           "silver", "purple", "orange")
+_ANIMALS = ("fox", "cat", "dog", "horse", "goat", "owl", "crow", "hare", "wolf", "bear",
+            "duck", "mouse", "deer", "frog", "swan", "pig")
+_NOUNS = (("stone", "stones"), ("tree", "trees"), ("cloud", "clouds"), ("lamp", "lamps"),
+          ("boat", "boats"), ("road", "roads"), ("child", "children"), ("bell", "bells"),
+          ("door", "doors"), ("wind", "winds"), ("letter", "letters"), ("basket", "baskets"),
+          ("candle", "candles"), ("window", "windows"), ("field", "fields"), ("song", "songs"),
+          ("wall", "walls"), ("cart", "carts"), ("storm", "storms"), ("coin", "coins"))
+_ADJS = ("old", "small", "quiet", "bright", "tall", "cold", "warm", "dark", "heavy",
+         "gentle", "strange", "empty", "wet", "broken", "shining", "little", "long",
+         "distant", "ancient", "narrow", "soft", "loud", "early", "hidden")
+_VERBS = (("rests", "rest"), ("shines", "shine"), ("falls", "fall"), ("waits", "wait"),
+          ("moves", "move"), ("sings", "sing"), ("turns", "turn"), ("glows", "glow"),
+          ("sleeps", "sleep"), ("shakes", "shake"))
+_PAST = ("fed", "found", "carried", "painted", "followed", "watched", "counted", "mended",
+         "opened", "cleaned", "lifted", "hid")
+_PREPS = ("near", "under", "beside", "behind", "above", "across", "along", "inside")
+_TIMES = ("in the morning", "at night", "after the rain", "before dawn", "every day",
+          "in winter", "by noon", "at dusk")
+_NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+            "eleven", "twelve")
+
+SYNTHETIC_TRAIN_DOCS = 300
+SYNTHETIC_VAL_DOCS = 30
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _filler(rng: random.Random) -> str:
+    """One sentence of local syntax: number agreement (stone rests / stones rest), a/an,
+    fixed phrase order, and counting (three, then four, then five)."""
+    n_sg, n_pl = rng.choice(_NOUNS)
+    v_sg, v_pl = rng.choice(_VERBS)
+    adj, adj2 = rng.choice(_ADJS), rng.choice(_ADJS)
+    other = rng.choice(_NOUNS)[rng.randrange(2)]
+    k = rng.randrange(6)
+    if k == 0:
+        return f"{_a(adj).capitalize()} {adj} {n_sg} {v_sg} {rng.choice(_PREPS)} the {other} ."
+    if k == 1:
+        return f"The {n_pl} {v_pl} {rng.choice(_PREPS)} the {adj} {other} {rng.choice(_TIMES)} ."
+    if k == 2:
+        m_sg, _ = rng.choice(_NOUNS)
+        w_sg, _ = rng.choice(_VERBS)
+        return f"{rng.choice(_TIMES).capitalize()} , the {n_pl} {v_pl} and the {m_sg} {w_sg} ."
+    if k == 3:
+        i = rng.randrange(1, len(_NUMBERS) - 2)  # from "two": plural nouns
+        return f"There were {_NUMBERS[i]} {n_pl} , then {_NUMBERS[i + 1]} , then {_NUMBERS[i + 2]} ."
+    if k == 4:
+        return f"The {n_sg} was {adj} , and the {n_pl} were {adj2} ."
+    return f"The {adj} {n_sg} {v_sg} {rng.choice(_TIMES)} ."
+
+
+def _recall(rng: random.Random, who: dict) -> str:
+    """A sentence whose key words are fixed only by the document's opening facts."""
+    noun = rng.choice(_NOUNS)[0]
+    k = rng.randrange(4)
+    if k == 0:  # role + place -> name
+        return (f"Then the {who['role']} of the {who['place']} came , and so it was "
+                f"{who['name']} who {rng.choice(_PAST)} the {noun} .")
+    if k == 1:  # name -> role, place, color, animal
+        return (f"Later , {who['name']} , the {who['role']} of the {who['place']} , "
+                f"{rng.choice(_PAST)} the {who['color']} {who['animal']} .")
+    if k == 2:  # color + animal -> name
+        return f"Everyone knew that the {who['color']} {who['animal']} belonged to {who['name']} ."
+    return f"{who['name']} {rng.choice(_PAST)} the {noun} while the {who['animal']} waited ."  # name -> animal
+
+
+def _synthetic_doc(rng: random.Random) -> str:
+    names = rng.sample(_NAMES, 2)
+    roles = rng.sample(_ROLES, 2)
+    places = rng.sample(_PLACES, 2)
+    colors = rng.sample(_COLORS, 2)
+    animals = rng.sample(_ANIMALS, 2)
+    people = [dict(name=n, role=r, place=p, color=c, animal=a)
+              for n, r, p, c, a in zip(names, roles, places, colors, animals)]
+    parts = []
+    for p in people:
+        parts.append(f"The {p['role']} of the {p['place']} is {p['name']} .")
+    for p in people:
+        parts.append(f"{p['name']} has {_a(p['color'])} {p['color']} {p['animal']} .")
+
+    def add_filler(min_words: int) -> None:
+        n = 0
+        while n < min_words:
+            s = _filler(rng)
+            parts.append(s)
+            n += len(s.split())
+
+    # The first recall comes >= 50 words after the facts: beyond the 13-token receptive field
+    # of the paper's GAM, well within a 256-token attention window.
+    add_filler(50)
+    # >= 12 words between recalls keeps the previous recall out of GAM's 13-token reach too
+    for i in range(6):
+        parts.append(_recall(rng, people[i % 2]))  # each person recalled three times
+        add_filler(rng.randint(12, 24))
+    return " ".join(parts)
+
+
+def synthetic_corpus(
+    n_train_docs: int = SYNTHETIC_TRAIN_DOCS,
+    n_val_docs: int = SYNTHETIC_VAL_DOCS,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """A deterministic toy corpus (no files, no network) with local AND long-range structure.
+
+    Each document (one row, ~300 words) opens with facts about two people::
+
+        The smith of the bridge is Telan . The keeper of the mountain is Derel .
+        Telan has a black goat . Derel has a green hare .
+
+    then >= 50 words of filler from a small grammar (number agreement "stone rests / stones
+    rest", a/an, counting "six , then seven , then eight": learnable from the last few
+    tokens), then six recall sentences, alternating between the two people, each followed
+    by 12-24 filler words, that restate the facts in new frames::
+
+        Then the smith of the bridge came , and so it was Telan who hid the wall .
+        Later , Derel , the keeper of the mountain , painted the green hare .
+        Everyone knew that the black goat belonged to Telan .
+        Telan fed the stone while the goat waited .
+
+    The recalled name / role / place / color / animal follows only from the opening facts
+    (120 names, 20 roles, 20 places, 12 colors, 16 animals, drawn independently per
+    document), so a model that sees >= 50 tokens back (attention, Mamba) can predict them
+    while one with a 13-token receptive field (the paper's GAM) can only guess. ~6.5% of
+    all words are such recalls (a fact word after the opening four sentences).
+
+    Default size, 300 / 30 documents: 89,194 / 8,798 words. The word inventory (~360
+    types) fits whole in a 1000-token BPE (actual vocabulary 664), so that is also the
+    token count: 347 train and 34 validation blocks of 257. Train and validation use
+    separate random streams (validation does not change with ``n_train_docs``); the same
+    ``seed`` always gives the same text.
+    """
+    out = {}
+    for split, n in (("train", n_train_docs), ("validation", n_val_docs)):
+        # str seeds go through sha512: stable across runs and PYTHONHASHSEED.
+        rng = random.Random(f"gam-synthetic:{seed}:{split}")
+        out[split] = [_synthetic_doc(rng) for _ in range(n)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------
+
+def _resolve_train_on(splits: DatasetDict, train_on: str | Sequence[str]) -> list[str]:
+    if isinstance(train_on, str):
+        names = list(splits) if train_on == "all" else [train_on]
+    else:
+        names = list(train_on)
+    if not names:
+        raise DataError("no split selected to train the tokenizer on; use 'train' or 'all'")
+    missing = [n for n in names if n not in splits]
+    if missing:
+        raise DataError(
+            f"cannot train the tokenizer on {', '.join(missing)}: the data has only "
+            f"{', '.join(splits)}; use 'train' or 'all'"
+        )
+    # canonical order, so ("validation", "train") and ("train", "validation") share a cache
+    return [n for n in splits if n in names]
+
+
+def tokenizer_cache_key(splits: DatasetDict, *, vocab_size: int, train_on: Sequence[str]) -> str:
+    """sha256 over the settings and the exact texts (with their row boundaries) of the
+    splits used; never the dataset name, so edited files or other caps retrain."""
+    h = hashlib.sha256()
+    settings = {
+        "format": TOKENIZER_FORMAT_VERSION,
+        "model": "BPE",
+        "unk": "[UNK]",
+        "pre_tokenizer": "Whitespace",
+        "special_tokens": list(SPECIAL_TOKENS),
+        "vocab_size": int(vocab_size),
+        "splits": list(train_on),
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for name in train_on:
+        texts = _texts(splits[name])
+        h.update(f"\0split:{name}:{len(texts)}\0".encode())
+        for t in texts:
+            b = t.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))  # length prefix: ["ab"] != ["a", "b"]
+            h.update(b)
+    return h.hexdigest()[:20]
+
+
+def _train_tokenizer(batches: Iterable[list[str]], n_rows: int, vocab_size: int, show_progress: bool) -> Tokenizer:
+    tok = Tokenizer(BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    trainer = BpeTrainer(special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size,
+                         show_progress=show_progress)
+    tok.train_from_iterator(batches, trainer=trainer, length=n_rows)
+    return tok
+
+
+def _get_tokenizer_and_path(
+    splits: DatasetDict,
+    *,
+    vocab_size: int,
+    train_on: str | Sequence[str],
+    cache_dir: str | os.PathLike | None,
+    show_progress: bool | None,
+) -> tuple[Tokenizer, str | None, list[str]]:
+    names = _resolve_train_on(splits, train_on)
+    path = None
+    if cache_dir is not None:
+        key = tokenizer_cache_key(splits, vocab_size=vocab_size, train_on=names)
+        path = os.path.join(os.fspath(cache_dir), f"tokenizer-{key}.json")
+        if os.path.isfile(path):
+            try:
+                return Tokenizer.from_file(path), path, names
+            except Exception:
+                pass  # unreadable (e.g. truncated by hand): retrain and overwrite below
+
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+
+    def batches() -> Iterator[list[str]]:
+        for name in names:
+            texts = _texts(splits[name])
+            for i in range(0, len(texts), 1000):
+                yield texts[i:i + 1000]
+
+    n_rows = sum(len(splits[n]) for n in names)
+    tok = _train_tokenizer(batches(), n_rows, vocab_size, show_progress)
+
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # temp file + os.replace: a concurrent run or a crash never leaves a half-written
+        # JSON under the final name
+        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=os.path.dirname(path))
+        os.close(fd)
+        try:
+            tok.save(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return tok, path, names
+
+
+def get_tokenizer(
+    splits: DatasetDict,
+    *,
+    vocab_size: int = 10_000,
+    train_on: str | Sequence[str] = ("train",),
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool | None = None,
+) -> Tokenizer:
+    """BPE tokenizer as in SPEC section 3, trained on ``train_on`` only.
+
+    ``train_on``: a split name, a list of names, or ``"all"`` (every split: what the
+    reference code does). With ``cache_dir`` the trained tokenizer is stored as
+    ``cache_dir/tokenizer-<key>.json`` (key: :func:`tokenizer_cache_key`) and reused.
+    ``show_progress=None`` shows the trainer's progress bar only on a terminal.
+    """
+    tok, _, _ = _get_tokenizer_and_path(splits, vocab_size=vocab_size, train_on=train_on,
+                                        cache_dir=cache_dir, show_progress=show_progress)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------
+# Encoding and blocks
+# ----------------------------------------------------------------------------------------
+
+def encode_splits(
+    splits: DatasetDict, tokenizer: Tokenizer, names: Sequence[str] | None = None
+) -> dict[str, list[list[int]]]:
+    """Token ids per row (no special tokens added, like the reference code)."""
+    out = {}
+    for name in (names if names is not None else list(splits)):
+        texts = _texts(splits[name])
+        ids: list[list[int]] = []
+        for i in range(0, len(texts), 10_000):  # bounded memory for the Encoding objects
+            ids.extend(e.ids for e in tokenizer.encode_batch(texts[i:i + 10_000]))
+        out[name] = ids
+    return out
+
+
+class TokenBlocks(Dataset):
+    """Non-overlapping ``block_size + 1`` chunks of the concatenated ids; the remainder is
+    dropped. Item i is ``(chunk[:-1], chunk[1:])``: inputs and next-token targets."""
+
+    def __init__(self, ids: Sequence[Sequence[int]] | torch.Tensor, block_size: int = 256):
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size = block_size
+        if isinstance(ids, torch.Tensor):
+            flat = ids.reshape(-1).to(torch.long)
+        else:
+            total = sum(len(row) for row in ids)
+            flat = torch.from_numpy(np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=total))
+        self.n_tokens = int(flat.numel())
+        span = block_size + 1
+        n_blocks = self.n_tokens // span
+        self.n_dropped = self.n_tokens - n_blocks * span
+        self.blocks = flat[: n_blocks * span].reshape(n_blocks, span).contiguous()
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.blocks[i]
+        return chunk[:-1], chunk[1:]
+
+
+# ----------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------
+
+def build_loaders(
+    source: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    block_size: int = 256,
+    batch_size: int = 32,
+    vocab_size: int = 10_000,
+    tokenizer_splits: str | Sequence[str] = "train",
+    max_train_rows: int | None = 50_000,
+    max_val_rows: int | None = 5_000,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    show_progress: bool | None = None,
+) -> tuple[DataLoader, DataLoader, Tokenizer, dict]:
+    """Text -> tokenizer -> blocks -> (train_loader, val_loader, tokenizer, info).
+
+    The train loader shuffles with ``train_loader.generator`` (a ``torch.Generator`` seeded
+    with ``seed``). Every ``iter(train_loader)`` draws from it (a worker base seed, then the
+    epoch's permutation), so saving ``generator.get_state()`` before an epoch's ``iter`` and
+    restoring it reproduces that epoch's order exactly. Validation is unshuffled; both keep
+    the last partial batch (``drop_last=False``) like the reference code.
+    """
+    splits = load_text_splits(source, data_dir=data_dir, max_train_rows=max_train_rows,
+                              max_val_rows=max_val_rows)
+    tokenizer, tok_path, tok_on = _get_tokenizer_and_path(
+        splits, vocab_size=vocab_size, train_on=tokenizer_splits, cache_dir=cache_dir,
+        show_progress=show_progress)
+    ids = encode_splits(splits, tokenizer, names=("train", "validation"))
+    blocks = {name: TokenBlocks(ids[name], block_size) for name in ("train", "validation")}
+    for name, ds in blocks.items():
+        if len(ds) == 0:
+            raise DataError(
+                f"the {name} split has only {ds.n_tokens} tokens, fewer than one block of "
+                f"{block_size + 1}; use more {name} data or a smaller block size"
+            )
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    train_loader = DataLoader(blocks["train"], batch_size=batch_size, shuffle=True,
+                              generator=generator, drop_last=False, num_workers=num_workers)
+    val_loader = DataLoader(blocks["validation"], batch_size=batch_size, shuffle=False,
+                            drop_last=False, num_workers=num_workers)
+    info = {
+        "source": source,
+        "data_dir": os.fspath(data_dir) if data_dir is not None else None,
+        "rows": {name: len(ds) for name, ds in splits.items()},
+        "tokens": {name: ds.n_tokens for name, ds in blocks.items()},
+        "blocks": {name: len(ds) for name, ds in blocks.items()},
+        "block_size": block_size,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "vocab_size_requested": vocab_size,
+        "tokenizer_path": tok_path,
+        "tokenizer_splits": tok_on,
+        "max_train_rows": max_train_rows,
+        "max_val_rows": max_val_rows,
+        "seed": seed,
+    }
+    return train_loader, val_loader, tokenizer, info

@@ -1,0 +1,569 @@
+"""Table 2 of "Gated Associative Memory" (arXiv:2509.00605): time and peak memory of
+ONE block (forward + backward) versus sequence length.
+
+    python scale.py                                    # the paper's sweep, all four blocks
+    python scale.py --device cpu --models gam transformer --batch-size 1 --seq-lens 256 512
+
+Per (model, sequence length) point: a fresh block from ``baselines.build_block`` in train
+mode, a random input (B, T, C) with requires_grad (in the autocast dtype on CUDA, as the
+author's fp16 input), and per iteration forward, ``out.sum()``, backward; ``--warmup``
+untimed iterations, then ``--iters`` timed ones, reported as the median / min / max (and
+mean, which is what the author's script prints) milliseconds per iteration.
+
+Peak memory over the timed iterations, in MiB (2**20 bytes, as the author's
+``/ (1024 * 1024)``, printed there as "MB"):
+  * CUDA: ``torch.cuda.max_memory_allocated()`` with the peak reset after the warm-up, as
+    the author's script: parameters, input, gradients and activations.
+  * CPU: there is no allocator counter, so each point runs in a fresh worker process and we
+    report its peak resident set size during the timed iterations minus its resident set
+    size before the warm-up (after the block and input were built and one tiny priming
+    pass); see ``CpuPeakRss`` and ``MEMORY_MEASURE``. Parameters and input are therefore
+    NOT included on CPU, unlike on CUDA; their gradients and the activations are.
+
+Differences from the author's scale.py (SPEC section 5): it runs on CPU too, writes the
+figures, tables and raw results to --out-dir, records OOM / time-limit points explicitly
+instead of crashing or inventing numbers, and fits a scaling exponent per model. The
+input gets a gradient (the author's does not: +1 (B, T, C) tensor) and there is no
+GradScaler (it only multiplies the loss by a constant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import io
+import json
+import math
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from baselines import BLOCK_NAMES, build_block
+from reporting import OneLineParser, atomic_write_bytes, atomic_write_text, run_metadata
+
+MODELS = BLOCK_NAMES  # gam, transformer (naive attention), transformer-sdpa, mamba
+LABELS = {"gam": "GAM", "transformer": "Transformer", "transformer-sdpa": "Transformer (SDPA)", "mamba": "Mamba"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MIB = 2**20
+CPU_MAX_SECONDS = 60.0  # default per-point time budget on CPU (no limit on CUDA)
+
+# The paper's Table 2 (R. Acharya, arXiv:2509.00605, restated in shared/SPEC.md section 4):
+# one block, forward + backward, batch 16, d_model 512, 8 heads, fp16 autocast, unnamed GPU.
+# seq_len -> (time ms, peak memory MB), or None where the paper reports OOM.
+PAPER_TABLE2 = {
+    "gam": {256: (8.97, 179.42), 512: (13.09, 325.48), 1024: (25.86, 617.60),
+            2048: (51.94, 1201.85), 4096: (105.03, 2370.35), 8192: (217.30, 4707.35)},
+    "transformer": {256: (8.90, 216.03), 512: (23.86, 552.98), 1024: (74.19, 1964.79),
+                    2048: (279.37, 7483.92), 4096: None, 8192: None},
+}
+PAPER_CONFIG = {"device": "cuda", "dtype": "fp16", "batch_size": 16, "d_model": 512, "n_head": 8}
+
+MEMORY_MEASURE = {
+    "cuda": "torch.cuda.max_memory_allocated() over the timed iterations (peak stats reset after the "
+            "warm-up, as the author's script): peak tensor memory incl. parameters, input, gradients "
+            "and activations (not the caching allocator's unused reserve, not the CUDA context). "
+            "MiB = 2**20 bytes.",
+    "cpu": "peak resident set size of a fresh worker process during the timed iterations minus its "
+           "resident set size before the warm-up, i.e. after the block and the input were built and "
+           "one tiny untimed priming pass (T<=8, batch 1; its gradients freed) loaded the one-off "
+           "runtime state: activations, parameter and input gradients, autograd buffers and "
+           "allocator caching; NOT the parameters or the input. Peak = VmHWM reset via "
+           "/proc/self/clear_refs after the warm-up; where that reset is unavailable, the ru_maxrss "
+           "difference over warm-up + timed iterations (then an earlier peak can hide part of the "
+           "work: a lower bound). MiB = 2**20 bytes.",
+}
+CSV_FIELDS = ["model", "implementation", "seq_len", "batch", "status",
+              "time_ms_median", "time_ms_min", "time_ms_max", "time_ms_mean", "peak_mem_mb", "note"]
+CELL = {"OOM": "Failed (OOM)", "skipped": "skipped (time limit)", "error": "Failed (error)"}
+WORKER_TAG = "SCALE_WORKER_RESULT "
+
+
+def label(name):
+    return LABELS.get(name, name)
+
+
+# -----------------------------------------------------------------------------
+# arguments
+
+def _int_at_least(lo):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            v = lo - 1
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {s!r}")
+        return v
+    return parse
+
+
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not v > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (or inf), got {s!r}")
+    return v
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="scale.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
+                   help=f"blocks to measure, from {', '.join(MODELS)}")
+    p.add_argument("--seq-lens", nargs="+", type=_int_at_least(1), default=[256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--d-model", type=_int_at_least(1), default=512)
+    p.add_argument("--n-head", type=_int_at_least(1), default=8)
+    p.add_argument("--warmup", type=_int_at_least(0), default=5)
+    p.add_argument("--iters", type=_int_at_least(1), default=20)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="CUDA: fp16/bf16 autocast or fp32 (default fp16, as the author); CPU: fp32 only")
+    p.add_argument("--max-seconds", type=_positive_float, default=None,
+                   help=f"per-point time budget, estimated from the first iterations; a point over it "
+                        f"(and every longer one of that model) is skipped. Default {CPU_MAX_SECONDS:g} "
+                        f"on CPU, no limit on CUDA; 'inf' = no limit")
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU intra-op threads (torch.set_num_threads); default: torch's choice. "
+                        "On a busy machine fewer threads than cores avoid slow OpenMP barriers")
+    p.add_argument("--out-dir", default=None, help="default runs/scale-<timestamp>")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    # Resolve the defaults that depend on the device; every refusal is one line + exit 2.
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False")
+    if args.dtype is None:
+        args.dtype = "fp16" if args.device == "cuda" else "fp32"
+    if args.device == "cpu" and args.dtype != "fp32":
+        p.error(f"--dtype {args.dtype} is CUDA-only (autocast); on CPU only fp32 is measured")
+    if args.dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        p.error("--dtype bf16: this GPU does not support bfloat16")
+    if args.d_model % args.n_head:
+        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+    if args.max_seconds is None:
+        args.max_seconds = CPU_MAX_SECONDS if args.device == "cpu" else math.inf
+    if math.isinf(args.max_seconds):
+        args.max_seconds = None  # no limit (and keeps results.json strict JSON)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # here too, so that the metadata tells the truth
+    args.models = list(dict.fromkeys(args.models))  # dedupe, keep order
+    args.seq_lens = sorted(set(args.seq_lens))       # ascending: "longer lengths" are the later ones
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", "scale-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return args
+
+
+def is_paper_config(args) -> bool:
+    return all(getattr(args, k) == v for k, v in PAPER_CONFIG.items())
+
+
+# -----------------------------------------------------------------------------
+# measuring one point
+
+def _proc_status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _ru_maxrss_kib():
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
+
+
+class CpuPeakRss:
+    """Peak resident memory of this process from now on, above the resident memory now.
+
+    Linux keeps the lifetime peak RSS (VmHWM, = ru_maxrss); writing "5" to
+    /proc/self/clear_refs resets it to the current RSS, so after a reset VmHWM is the
+    peak of exactly the work that follows. ``reset_peak()`` (after the warm-up) starts
+    that window again while keeping the baseline. Without the reset we fall back to
+    ru_maxrss now and later: still monotone, but an earlier (e.g. import-time) peak above
+    the current RSS would hide part of the work, so the number can only be too low.
+    """
+
+    def __init__(self):
+        self.method = "VmHWM reset" if self.reset_peak() else "ru_maxrss"
+        self.base = _proc_status_kib("VmRSS") if self.method == "VmHWM reset" else _ru_maxrss_kib()
+
+    @staticmethod
+    def reset_peak() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def peak_mib(self) -> float:
+        peak = _proc_status_kib("VmHWM") if self.method == "VmHWM reset" else _ru_maxrss_kib()
+        return max(0.0, peak - self.base) / 1024
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def bench_point(name, seq_len, args) -> dict:
+    """Time and memory of one (model, seq_len) point in THIS process. Raises on OOM."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    block, impl = build_block(name, args.d_model, n_head=args.n_head, device=device)
+    block.train()  # as the author: dropout on, autograd on
+    x_dtype = DTYPES[args.dtype] if cuda else torch.float32  # the author feeds fp16 under autocast
+    x = torch.randn(args.batch_size, seq_len, args.d_model, device=device, dtype=x_dtype, requires_grad=True)
+    autocast = (lambda: torch.autocast("cuda", dtype=DTYPES[args.dtype])) \
+        if cuda and args.dtype != "fp32" else contextlib.nullcontext
+    cpu_peak = None
+    if not cuda:
+        # One tiny untimed pass first, so that one-off runtime state (kernel code pages,
+        # thread pools: 15-30 MiB measured) lands in the baseline, not in this length's number.
+        block(torch.randn(1, min(seq_len, 8), args.d_model, requires_grad=True)).sum().backward()
+        block.zero_grad(set_to_none=True)
+        cpu_peak = CpuPeakRss()
+
+    n_total, timed, all_dts = args.warmup + args.iters, [], []
+    t_start = time.perf_counter()
+    for i in range(n_total):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        if i == args.warmup and cuda:  # the peak is that of the timed iterations, as the author's
+            sync()
+            torch.cuda.reset_peak_memory_stats(device)
+        elif i == args.warmup:
+            cpu_peak.reset_peak()  # the baseline stays the RSS before the warm-up
+        sync()
+        t0 = time.perf_counter()
+        with autocast():
+            out = block(x)
+            loss = out.sum()
+        loss.backward()
+        sync()
+        dt = time.perf_counter() - t0
+        del out, loss
+        all_dts.append(dt)
+        if i >= args.warmup:
+            timed.append(dt)
+        # The fastest iteration so far predicts the rest (the first ones carry one-off costs),
+        # so a point is only skipped when even that optimistic estimate is over the budget.
+        estimate = time.perf_counter() - t_start + (n_total - i - 1) * min(all_dts)
+        if args.max_seconds is not None and estimate > args.max_seconds:
+            return {"status": "skipped", "implementation": impl,
+                    "note": f"estimated {estimate:.1f} s for {n_total} iterations > --max-seconds {args.max_seconds:g}"}
+
+    peak = torch.cuda.max_memory_allocated(device) / MIB if cuda else cpu_peak.peak_mib()
+    ms = [t * 1000 for t in timed]
+    return {"status": "ok", "implementation": impl,
+            "time_ms_median": statistics.median(ms), "time_ms_min": min(ms), "time_ms_max": max(ms),
+            "time_ms_mean": statistics.fmean(ms),
+            "peak_mem_mb": peak, "mem_method": "max_memory_allocated" if cuda else cpu_peak.method}
+
+
+def worker_main(spec_json: str) -> None:
+    """Entry point of a CPU worker process: one point, result as one tagged JSON line."""
+    with contextlib.suppress(OSError):
+        # Should the machine run out of memory, let the kernel kill this worker first.
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    spec = json.loads(spec_json)
+    try:
+        res = bench_point(spec["name"], spec["seq_len"], argparse.Namespace(**spec["args"]))
+    except Exception as e:  # MemoryError included
+        res = failure(e)
+    print(WORKER_TAG + json.dumps(res), flush=True)
+
+
+def worker_command(name, seq_len, args) -> list[str]:
+    spec = {"name": name, "seq_len": seq_len, "args": vars(args)}
+    return [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)]
+
+
+def run_in_worker(name, seq_len, args) -> dict:
+    """One point in a fresh process, so its peak RSS belongs to this point alone."""
+    # A generous hard stop for a worker that hangs (e.g. swapping) despite the estimate.
+    timeout = None if args.max_seconds is None else 3 * args.max_seconds + 120
+    try:
+        proc = subprocess.run(worker_command(name, seq_len, args), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "skipped", "note": f"worker killed after the hard timeout of {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(WORKER_TAG):
+            return json.loads(line[len(WORKER_TAG):])
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode)
+        # A SIGKILL without a result is, in practice, the kernel's out-of-memory killer.
+        status = "OOM" if sig == signal.SIGKILL else "error"
+        return {"status": status, "note": f"worker killed by {sig.name}"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"status": "error", "note": f"worker exited with code {proc.returncode}: {tail}"}
+
+
+def run_point(name, seq_len, args) -> dict:
+    """CPU: in a fresh worker process (sound peak RSS). CUDA: here (the allocator counts)."""
+    if args.device == "cpu":
+        return run_in_worker(name, seq_len, args)
+    return bench_point(name, seq_len, args)
+
+
+def failure(exc) -> dict:
+    """The result of a point that raised: OOM, or an error noted in one line."""
+    lines = str(exc).strip().splitlines()
+    note = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    return {"status": "OOM" if is_oom(exc) else "error", "note": note}
+
+
+def _free_memory(args):
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# the sweep
+
+def make_row(name, seq_len, args, res, impl="") -> dict:
+    ok = res["status"] == "ok"
+    num = lambda k, nd: round(res[k], nd) if ok else None  # noqa: E731  never a number unless measured
+    return {"model": name, "implementation": res.get("implementation") or impl, "seq_len": seq_len,
+            "batch": args.batch_size, "status": res["status"],
+            "time_ms_median": num("time_ms_median", 4), "time_ms_min": num("time_ms_min", 4),
+            "time_ms_max": num("time_ms_max", 4), "time_ms_mean": num("time_ms_mean", 4),
+            "peak_mem_mb": num("peak_mem_mb", 3),
+            "note": res.get("note") or ("memory from the ru_maxrss fallback: a lower bound"
+                                        if res.get("mem_method") == "ru_maxrss" else "")}
+
+
+def run_sweep(args, on_row=None) -> list[dict]:
+    rows, skipped_at, impls = [], {}, {}
+    points = [(m, L) for m in args.models for L in args.seq_lens]
+    bar = tqdm(points, desc="scale", unit="point", dynamic_ncols=True)
+    for name, L in bar:
+        bar.set_postfix_str(f"{name} T={L}")
+        if name in skipped_at:  # the longer lengths would only take longer
+            res = {"status": "skipped", "note": f"not run: T={skipped_at[name]} was already over the time limit"}
+        else:
+            try:
+                res = run_point(name, L, args)
+            except Exception as e:
+                res = failure(e)
+            _free_memory(args)  # after the except block, so the traceback's tensors are gone
+        if res["status"] == "skipped":
+            skipped_at.setdefault(name, L)
+        if res["status"] == "error":
+            tqdm.write(f"warning: {name} T={L} failed: {res['note']}")
+        row = make_row(name, L, args, res, impls.get(name, ""))
+        impls.setdefault(name, row["implementation"])
+        rows.append(row)
+        if on_row:
+            on_row(rows)
+    bar.close()
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# results: exponents, table, files, plots
+
+def fit_exponent(xs, ys) -> float | None:
+    """Least-squares slope k of log(y) against log(x), i.e. y ~ c * x**k.
+
+    Pairs with a missing, non-positive or non-finite value are ignored (no logarithm);
+    returns None when fewer than two distinct x remain.
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"fit_exponent: {len(xs)} xs but {len(ys)} ys")
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys)
+           if x is not None and y is not None and 0 < x < math.inf and 0 < y < math.inf]
+    if len({lx for lx, _ in pts}) < 2:
+        return None
+    mx = sum(lx for lx, _ in pts) / len(pts)
+    my = sum(ly for _, ly in pts) / len(pts)
+    sxx = sum((lx - mx) ** 2 for lx, _ in pts)
+    return sum((lx - mx) * (ly - my) for lx, ly in pts) / sxx
+
+
+def exponents(rows, args) -> dict:
+    out = {}
+    for name in args.models:
+        ok = [r for r in rows if r["model"] == name and r["status"] == "ok"]
+        xs = [r["seq_len"] for r in ok]
+        out[name] = {"time": fit_exponent(xs, [r["time_ms_median"] for r in ok]),
+                     "memory": fit_exponent(xs, [r["peak_mem_mb"] for r in ok])}
+    return out
+
+
+def paper_exponents(args) -> dict:
+    """The same fit on the paper's numbers, over the lengths of this sweep."""
+    out = {}
+    for name, table in PAPER_TABLE2.items():
+        pts = [(L, table[L]) for L in args.seq_lens if table.get(L)]
+        xs = [L for L, _ in pts]
+        out[name] = {"time": fit_exponent(xs, [v[0] for _, v in pts]),
+                     "memory": fit_exponent(xs, [v[1] for _, v in pts])}
+    return out
+
+
+def markdown_table(rows, args) -> str:
+    paper = is_paper_config(args)
+    cell = {(r["model"], r["seq_len"]): r for r in rows}
+
+    def ours(name, L, key):
+        r = cell.get((name, L))
+        if r is None:
+            return ""
+        return f"{r[key]:.2f}" if r["status"] == "ok" else CELL[r["status"]]
+
+    def theirs(name, L, i):
+        if L not in PAPER_TABLE2[name]:
+            return "-"
+        v = PAPER_TABLE2[name][L]
+        return "OOM" if v is None else f"{v[i]:.2f}"
+
+    header, cols = ["Sequence length"], []
+    for key, i, unit in (("time_ms_median", 0, "Time (ms)"), ("peak_mem_mb", 1, "Memory (MB)")):
+        for name in args.models:
+            header.append(f"{label(name)} {unit}")
+            cols.append(lambda L, n=name, k=key: ours(n, L, k))
+            if paper and name in PAPER_TABLE2:
+                header.append(f"{label(name)} {unit}, paper")
+                cols.append(lambda L, n=name, i=i: theirs(n, L, i))
+    body = [[str(L)] + [c(L) for c in cols] for L in args.seq_lens]
+    widths = [max(len(row[j]) for row in [header] + body) for j in range(len(header))]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    lines = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body]
+
+    exps, pexps = exponents(rows, args), paper_exponents(args)
+    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines += ["", "Fitted scaling exponents k (least squares, log y = k log T + c, over the ok points):", "",
+              "| Model | time k | memory k |", "|---|---|---|"]
+    for name in args.models:
+        lines.append(f"| {label(name)} | {f(exps[name]['time'])} | {f(exps[name]['memory'])} |")
+        if paper and name in pexps:
+            lines.append(f"| {label(name)}, paper | {f(pexps[name]['time'])} | {f(pexps[name]['memory'])} |")
+    lines += ["", f"One block, forward + backward, {args.device}, {args.dtype}, batch {args.batch_size}, "
+                  f"d_model {args.d_model}, {args.n_head} heads, {args.warmup} warm-up + {args.iters} timed "
+                  f"iterations, median time (the paper's are means; ours are in results.csv). "
+                  f"MB = MiB (2**20 bytes). Memory: {MEMORY_MEASURE[args.device]}"]
+    if not paper:
+        lines.append(f"Paper columns are shown only for the paper's configuration {PAPER_CONFIG}.")
+    return "\n".join(lines) + "\n"
+
+
+def metadata(args, rows) -> dict:
+    meta = run_metadata(args.device)
+    meta.update({
+        "script": "scale.py", "paper": "arXiv:2509.00605, Table 2",
+        "cpu_threads": args.threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "dtype": args.dtype, "args": vars(args), "paper_config": is_paper_config(args),
+        "memory_unit": "MiB (2**20 bytes)", "memory_measure": MEMORY_MEASURE[args.device],
+        "exponents": exponents(rows, args),
+        "complete": len(rows) == len(args.models) * len(args.seq_lens),
+    })
+    if meta["paper_config"]:
+        meta["paper_exponents"] = paper_exponents(args)
+    return meta
+
+
+def write_results(rows, args) -> None:
+    """results.csv and results.json, rewritten after every point so a long sweep survives a crash."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(os.path.join(args.out_dir, "results.csv"), buf.getvalue())
+    doc = {"metadata": metadata(args, rows), "rows": rows}
+    atomic_write_text(os.path.join(args.out_dir, "results.json"), json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def plot_series(rows, args, key) -> dict:
+    """model -> [(seq_len, value)] of the ok points: OOM / skipped / failed points are absent
+    (and so is a zero, which a log axis cannot show)."""
+    return {name: [(r["seq_len"], r[key]) for r in rows
+                   if r["model"] == name and r["status"] == "ok" and r[key] > 0] for name in args.models}
+
+
+def plot(rows, args, key, ylabel, filename, paper_index) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for name, pts in plot_series(rows, args, key).items():
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label(name))
+        if is_paper_config(args) and name in PAPER_TABLE2:
+            ppts = [(L, v[paper_index]) for L, v in PAPER_TABLE2[name].items() if v and L in args.seq_lens]
+            if ppts:
+                ax.plot(*zip(*ppts), linestyle="--", marker="x", alpha=0.6, label=f"{label(name)} (paper)")
+    if ax.lines:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(args.seq_lens, [str(L) for L in args.seq_lens])
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no successful points", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"one block fwd+bwd, {args.device} {args.dtype}, batch {args.batch_size}, d_model {args.d_model}")
+    ax.grid(True, which="both", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(os.path.join(args.out_dir, filename), buf.getvalue())
+
+
+def write_outputs(rows, args) -> str:
+    write_results(rows, args)
+    table = markdown_table(rows, args)
+    atomic_write_text(os.path.join(args.out_dir, "table2.md"), table)
+    plot(rows, args, "time_ms_median", "time per iteration (ms, median)", "compute_time.png", 0)
+    plot(rows, args, "peak_mem_mb", "peak memory (MiB)", "peak_memory.png", 1)
+    return table
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)  # fail before the sweep, not after it
+        rows = run_sweep(args, on_row=lambda rows: write_results(rows, args))
+        table = write_outputs(rows, args)
+    except OSError as e:  # e.g. an unwritable --out-dir: one line and exit 2, as a bad argument
+        print(f"scale.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scale.py: interrupted; partial results in {args.out_dir}", file=sys.stderr)
+        return 130
+    print(table)
+    print(f"wrote {args.out_dir}/{{results.csv,results.json,table2.md,compute_time.png,peak_memory.png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--_worker":  # internal: one CPU point, see run_in_worker
+        worker_main(sys.argv[2])
+    else:
+        sys.exit(main())

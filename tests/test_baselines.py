@@ -1,0 +1,516 @@
+"""Tests of baselines.py: the Transformer and Mamba baselines and the factories.
+
+CPU only and small, except the exact parameter counts (which only construct the paper's
+models). Cases that need CUDA and mamba_ssm are skipped elsewhere.
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import baselines  # noqa: E402
+from baselines import (  # noqa: E402
+    CausalSelfAttention,
+    MambaLM,
+    TransformerBlock,
+    TransformerLM,
+    build_block,
+    build_lm,
+    build_mamba_mixer,
+)
+from gam_model import GAMBlock, GAM_Model, ModelConfig  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_MAMBA_SSM = baselines._import_mamba_ssm() is not None
+
+# The keys (and registration order) of mamba_ssm.Mamba's state_dict.
+MAMBA_SSM_KEYS = ["A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias",
+                  "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight"]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    kw = dict(VOCAB_SIZE=61, BLOCK_SIZE=24, N_EMBED=32, N_LAYER=2, NUM_MEMORY_SLOTS=16, DROPOUT=0.1)
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def mamba_ssm_shapes(d_model, d_state=16, d_conv=4, expand=3):
+    """The parameter shapes of mamba_ssm.Mamba(d_model, d_state, d_conv, expand), by hand."""
+    D, R = expand * d_model, math.ceil(d_model / 16)
+    return {"A_log": (D, d_state), "D": (D,), "in_proj.weight": (2 * D, d_model),
+            "conv1d.weight": (D, 1, d_conv), "conv1d.bias": (D,),
+            "x_proj.weight": (R + 2 * d_state, D), "dt_proj.weight": (D, R), "dt_proj.bias": (D,),
+            "out_proj.weight": (d_model, D)}
+
+
+# ----------------------------------------------------------------------------------------
+# Exact parameter counts (SPEC section 2)
+# ----------------------------------------------------------------------------------------
+
+def test_transformer_param_count_exact():
+    model = TransformerLM(ModelConfig())
+    assert model.num_params() == 24_166_400
+    assert build_lm("transformer", ModelConfig(), attention="sdpa").num_params() == 24_166_400
+
+
+@pytest.mark.parametrize("residual, expected", [
+    pytest.param(False, 20_504_576, id="reference-stacking"),
+    pytest.param(True, 20_504_576 + 6 * 2 * 512, id="residual"),
+])
+def test_mamba_param_count_exact(residual, expected):
+    model = build_lm("mamba", ModelConfig(), mamba_residual=residual, mamba_impl="hf")
+    assert model.num_params() == expected
+    # Per mixer, as mamba_ssm.Mamba(512, d_state=16, d_conv=4, expand=3) by hand.
+    per_mixer = sum(math.prod(s) for s in mamba_ssm_shapes(512).values())
+    assert per_mixer == 2_542_080
+    mixer = model.blocks[0].mixer if residual else model.blocks[0]
+    assert sum(p.numel() for p in mixer.parameters()) == per_mixer
+
+
+# ----------------------------------------------------------------------------------------
+# Transformer
+# ----------------------------------------------------------------------------------------
+
+def test_transformer_structure_and_state_dict():
+    model = TransformerLM(tiny_config(), n_head=4)
+    sd = model.state_dict()
+    for key in ["blocks.0.ln_1.weight", "blocks.0.attn.c_attn.weight", "blocks.0.attn.c_attn.bias",
+                "blocks.0.attn.c_proj.weight", "blocks.0.attn.c_proj.bias", "blocks.0.ln_2.bias",
+                "blocks.0.ffn.0.weight", "blocks.0.ffn.2.bias", "ln_f.weight", "head.weight"]:
+        assert key in sd, key
+    assert sd["blocks.1.attn.c_attn.weight"].shape == (96, 32)
+    # Parameters only: the causal mask is not a (persistent or other) buffer.
+    assert list(model.buffers()) == []
+    assert set(sd) == {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    ffn = model.blocks[0].ffn
+    assert [type(m) for m in ffn] == [nn.Linear, nn.GELU, nn.Linear, nn.Dropout]
+    assert ffn[1].approximate == "none"
+    assert model.head.weight is model.token_embedding.weight
+
+
+@pytest.mark.parametrize("attention", [pytest.param("naive", id="naive"), pytest.param("sdpa", id="sdpa")])
+def test_attention_matches_torch_multihead_attention(attention):
+    """An independent implementation of the same block: nn.MultiheadAttention with our weights."""
+    torch.manual_seed(0)
+    block = TransformerBlock(tiny_config(), n_head=4, attention=attention).eval()
+    C, T = 32, 11
+    mha = nn.MultiheadAttention(C, 4, bias=True, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(block.attn.c_attn.weight)   # q, k, v stacked in that order
+        mha.in_proj_bias.copy_(block.attn.c_attn.bias)
+        mha.out_proj.weight.copy_(block.attn.c_proj.weight)
+        mha.out_proj.bias.copy_(block.attn.c_proj.bias)
+        x = torch.randn(3, T, C)
+        h = block.ln_1(x)
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)     # True = may not attend
+        a, _ = mha(h, h, h, attn_mask=mask, need_weights=False)
+        expected = x + a
+        expected = expected + block.ffn(block.ln_2(expected))
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_head, T", [
+    pytest.param(4, 24, id="4heads-T24-full-block"),
+    pytest.param(8, 7, id="8heads-T7"),
+    pytest.param(1, 1, id="1head-T1"),
+])
+def test_sdpa_equals_naive(n_head, T):
+    torch.manual_seed(1)
+    cfg = tiny_config()
+    naive = TransformerLM(cfg, n_head=n_head, attention="naive").eval()
+    sdpa = TransformerLM(cfg, n_head=n_head, attention="sdpa").eval()
+    sdpa.load_state_dict(naive.state_dict())
+    idx = torch.randint(0, cfg.VOCAB_SIZE, (3, T))
+    logits_n, loss_n = naive(idx, targets=idx)
+    logits_s, loss_s = sdpa(idx, targets=idx)
+    torch.testing.assert_close(logits_s, logits_n, atol=1e-5, rtol=1e-5)
+    loss_n.backward()
+    loss_s.backward()
+    grads_n = dict(naive.named_parameters())
+    for name, p in sdpa.named_parameters():
+        torch.testing.assert_close(p.grad, grads_n[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attention", [pytest.param("naive", id="naive"), pytest.param("sdpa", id="sdpa")])
+def test_attention_dropout_only_in_training(attention):
+    torch.manual_seed(2)
+    attn = CausalSelfAttention(tiny_config(DROPOUT=0.5), n_head=4, attention=attention)
+    attn.resid_dropout = nn.Identity()  # isolate the dropout on the attention weights
+    x = torch.randn(2, 9, 32)
+    attn.train()
+    assert not torch.allclose(attn(x), attn(x))
+    attn.eval()
+    torch.testing.assert_close(attn(x), attn(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    pytest.param("transformer", {"attention": "naive"}, id="transformer-naive"),
+    pytest.param("transformer", {"attention": "sdpa"}, id="transformer-sdpa"),
+    pytest.param("mamba", {}, id="mamba-reference"),
+    pytest.param("mamba", {"mamba_residual": True}, id="mamba-residual"),
+])
+def test_causality(name, kwargs):
+    """Changing token t never changes the logits before t (and does change them at t)."""
+    torch.manual_seed(3)
+    cfg = tiny_config()
+    model = build_lm(name, cfg, **kwargs).eval()
+    T, t = 20, 13
+    idx = torch.randint(0, cfg.VOCAB_SIZE, (2, T))
+    idx2 = idx.clone()
+    idx2[:, t] = (idx[:, t] + 1) % cfg.VOCAB_SIZE
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(idx2)
+    torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
+    assert (a[:, t] - b[:, t]).abs().max() > 1e-4
+
+
+def test_transformer_block_has_no_length_cap():
+    block, impl = build_block("transformer", d_model=32, n_head=4, block_size=8)
+    assert impl == "transformer-naive"
+    out = block.eval()(torch.randn(1, 40, 32))  # T=40 > block_size=8
+    assert out.shape == (1, 40, 32) and torch.isfinite(out).all()
+
+
+def test_transformer_bad_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerBlock(tiny_config(), n_head=5)
+    with pytest.raises(ValueError, match="naive"):
+        TransformerBlock(tiny_config(), n_head=4, attention="flash")
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerLM(tiny_config(N_EMBED=36))  # default n_head=8; 36 % 8 != 0
+
+
+# ----------------------------------------------------------------------------------------
+# Mamba: the pure-PyTorch mixer against the equations
+# ----------------------------------------------------------------------------------------
+
+def reference_mamba(mixer, x):
+    """The Mamba mixer written from its equations, with a sequential scan: (B, L, C) -> (B, L, C).
+
+    Independent of the mixer's forward; uses its parameters (so gradients reach them).
+    """
+    W_in, W_conv, b_conv = mixer.in_proj.weight, mixer.conv1d.weight, mixer.conv1d.bias
+    W_x, W_dt, b_dt = mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias
+    A_log, D_skip, W_out = mixer.A_log, mixer.D, mixer.out_proj.weight
+    Bsz, L, _ = x.shape
+    D, N = A_log.shape
+    R, K = W_dt.shape[1], W_conv.shape[-1]
+
+    xz = x @ W_in.T                                           # (B, L, 2D)
+    xi, z = xz[..., :D], xz[..., D:]
+    # Causal depthwise conv: u_t = b + sum_j w_j * x_{t-(K-1)+j}, zero before the start.
+    u = []
+    for t in range(L):
+        acc = b_conv.expand(Bsz, D)
+        for j in range(K):
+            s = t - (K - 1) + j
+            if s >= 0:
+                acc = acc + W_conv[:, 0, j] * xi[:, s]
+        u.append(acc)
+    u = torch.stack(u, dim=1)                                 # (B, L, D)
+    u = u * torch.sigmoid(u)                                  # SiLU
+    dbc = u @ W_x.T                                           # (B, L, R + 2N)
+    dt_low, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
+    dt = torch.log1p(torch.exp(dt_low @ W_dt.T + b_dt))       # softplus, (B, L, D)
+    A = -torch.exp(A_log)                                     # (D, N)
+    h = torch.zeros(Bsz, D, N, dtype=x.dtype)
+    ys = []
+    for t in range(L):
+        h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bm[:, t, None, :] * u[:, t, :, None]
+        ys.append((h * Cm[:, t, None, :]).sum(-1) + D_skip * u[:, t])
+    y = torch.stack(ys, dim=1)                                # (B, L, D)
+    y = y * (z * torch.sigmoid(z))                            # gate with SiLU(z)
+    return y @ W_out.T                                        # (B, L, C)
+
+
+def tiny_mixer(seed=0):
+    torch.manual_seed(seed)
+    mixer, impl = build_mamba_mixer(16, d_state=4, d_conv=4, expand=2, impl="hf")
+    assert impl == "mamba-hf-mambapy"
+    # Move every parameter away from its init so that each term matters (at init dt is
+    # small and the state barely moves), keeping dt = softplus(.) of order 1.
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        mixer.dt_proj.bias.add_(1.0)
+    return mixer
+
+
+@pytest.mark.parametrize("dtype, T, tol", [
+    pytest.param(torch.float64, 12, 1e-10, id="float64-T12-padded-scan"),
+    pytest.param(torch.float64, 16, 1e-10, id="float64-T16"),
+    pytest.param(torch.float32, 12, 1e-5, id="float32-T12"),
+])
+def test_mamba_fallback_matches_sequential_reference(dtype, T, tol):
+    mixer = tiny_mixer().train()  # training mode: the path used to train
+    ref = tiny_mixer()
+    ref.load_state_dict(mixer.state_dict())
+    mixer, ref = mixer.to(dtype), ref.double()
+    torch.manual_seed(1)
+    x = torch.randn(2, T, 16, dtype=torch.float64)
+    w = torch.randn(2, T, 16, dtype=torch.float64)
+
+    x_ours = x.to(dtype).clone().requires_grad_()
+    y_ours = mixer(x_ours)
+    assert y_ours.dtype == dtype
+    (y_ours * w.to(dtype)).sum().backward()
+
+    x_ref = x.clone().requires_grad_()
+    y_ref = reference_mamba(ref, x_ref)
+    (y_ref * w).sum().backward()
+
+    assert y_ref.abs().max() > 0.1  # a non-trivial output
+    torch.testing.assert_close(y_ours.double(), y_ref.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, atol=tol, rtol=tol)
+    ref_params = dict(ref.named_parameters())
+    for name, p in mixer.named_parameters():
+        torch.testing.assert_close(p.grad.double(), ref_params[name].grad, atol=10 * tol, rtol=10 * tol, msg=name)
+
+
+def test_mamba_parallel_scan_runs_and_equals_sequential_fallback(monkeypatch):
+    import mambapy.pscan
+
+    calls = []
+    real = mambapy.pscan.pscan
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(mambapy.pscan, "pscan", counting)
+    mixer = tiny_mixer().train()
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    y = mixer(x)
+    y.sum().backward()
+    assert calls == [(2, 10, 32, 4)]  # the parallel scan ran, once, on (B, L, D, N)
+
+    # Without mambapy the same module scans sequentially, with the same result.
+    monkeypatch.setattr(baselines, "_import_pscan", lambda: None)
+    seq, impl = build_mamba_mixer(16, d_state=4, d_conv=4, expand=2, impl="hf")
+    assert impl == "mamba-hf-sequential"
+    seq.load_state_dict(mixer.state_dict())
+    torch.testing.assert_close(seq(x), y, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(HAS_MAMBA_SSM, reason="transformers' MambaMixer.forward then calls mamba_ssm's kernels")
+def test_mamba_fallback_matches_transformers_forward():
+    """Our forward against transformers' own MambaMixer.forward (its pure-PyTorch path)."""
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    mixer = tiny_mixer().eval()
+    x = torch.randn(2, 13, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(x), MambaMixer.forward(mixer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_init_follows_mamba_ssm():
+    torch.manual_seed(4)
+    d_model, d_state, expand = 64, 16, 3
+    mixer, _ = build_mamba_mixer(d_model, d_state=d_state, d_conv=4, expand=expand, impl="hf")
+    D, R = expand * d_model, math.ceil(d_model / 16)
+    expected_A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).expand(D, d_state)
+    torch.testing.assert_close(mixer.A_log.detach(), expected_A_log, atol=0, rtol=0)
+    torch.testing.assert_close(mixer.D.detach(), torch.ones(D), atol=0, rtol=0)
+    dt = F.softplus(mixer.dt_proj.bias.detach())
+    assert dt.min() >= 1e-4 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    # Log-uniform over [1e-3, 1e-1]: both decades are populated.
+    assert dt.min() < 5e-3 and dt.max() > 2e-2
+    bound = R ** -0.5
+    w = mixer.dt_proj.weight.detach()
+    assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+    assert mixer.in_proj.bias is None and mixer.out_proj.bias is None
+    assert mixer.conv1d.bias is not None and mixer.dt_proj.bias is not None
+    assert mixer.A_log._no_weight_decay and mixer.D._no_weight_decay
+
+
+@pytest.mark.parametrize("residual, prefix", [
+    pytest.param(False, "blocks.{i}.", id="reference-stacking"),
+    pytest.param(True, "blocks.{i}.mixer.", id="residual"),
+])
+def test_mamba_state_dict_keys_match_mamba_ssm(residual, prefix):
+    cfg = tiny_config(N_EMBED=32)
+    model = MambaLM(cfg, residual=residual)
+    assert model.implementation == "mamba-hf-mambapy"
+    sd = model.state_dict()
+    shapes = mamba_ssm_shapes(32)
+    for i in range(cfg.N_LAYER):
+        keys = [k for k in sd if k.startswith(f"blocks.{i}.")]
+        mixer_keys = [prefix.format(i=i) + k for k in MAMBA_SSM_KEYS]
+        norm_keys = [f"blocks.{i}.norm.weight", f"blocks.{i}.norm.bias"] if residual else []
+        assert keys == mixer_keys + norm_keys
+        for k in MAMBA_SSM_KEYS:
+            assert tuple(sd[prefix.format(i=i) + k].shape) == shapes[k], k
+
+
+def test_mamba_stacking():
+    """Reference stacking is x = mixer(x); residual=True is x + mixer(LayerNorm(x))."""
+    torch.manual_seed(5)
+    plain = MambaLM(tiny_config(N_LAYER=1)).eval()
+    res = MambaLM(tiny_config(N_LAYER=1), residual=True).eval()
+    x = torch.randn(2, 6, 32)
+    mixer = plain.blocks[0]
+    assert isinstance(mixer, baselines.MambaMixerFallback)
+    res.blocks[0].mixer.load_state_dict(mixer.state_dict())
+    with torch.no_grad():
+        res.blocks[0].norm.weight.fill_(2.0)
+        torch.testing.assert_close(plain.blocks[0](x), mixer(x))
+        expected = x + mixer(F.layer_norm(x, (32,), res.blocks[0].norm.weight, res.blocks[0].norm.bias))
+        torch.testing.assert_close(res.blocks[0](x), expected)
+
+
+# ----------------------------------------------------------------------------------------
+# Factories, implementation selection
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kwargs, cls, implementation", [
+    pytest.param("gam", {}, GAM_Model, "gam", id="gam"),
+    pytest.param("transformer", {}, TransformerLM, "transformer-naive", id="transformer-naive"),
+    pytest.param("transformer", {"attention": "sdpa"}, TransformerLM, "transformer-sdpa", id="transformer-sdpa"),
+    pytest.param("mamba", {}, MambaLM, "mamba-hf-mambapy", id="mamba-cpu-auto"),
+    pytest.param("mamba", {"mamba_impl": "hf", "device": "cpu"}, MambaLM, "mamba-hf-mambapy", id="mamba-hf"),
+])
+def test_build_lm(name, kwargs, cls, implementation):
+    torch.manual_seed(6)
+    cfg = tiny_config()
+    model = build_lm(name, cfg, **kwargs)
+    assert type(model) is cls
+    assert model.implementation == implementation
+    idx = torch.randint(0, cfg.VOCAB_SIZE, (2, 10))
+    logits, loss = model(idx, targets=idx)
+    assert logits.shape == (2, 10, cfg.VOCAB_SIZE) and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    out = model.eval().generate(idx[:, :3], max_new_tokens=2)
+    assert out.shape == (2, 5)
+
+
+def test_build_lm_passes_family_options():
+    cfg = tiny_config()
+    tr = build_lm("transformer", cfg, n_head=2, d_state=5)  # d_state: ignored here
+    assert tr.blocks[0].attn.n_head == 2 and tr.blocks[0].attn.head_dim == 16
+    mb = build_lm("mamba", cfg, n_head=3, d_state=5, d_conv=2, expand=2)  # n_head: ignored here
+    assert mb.blocks[0].A_log.shape == (64, 5) and mb.blocks[0].conv1d.weight.shape == (64, 1, 2)
+
+
+def test_build_lm_errors():
+    with pytest.raises(ValueError, match=r"'gam', 'transformer', 'mamba'"):
+        build_lm("rnn", tiny_config())
+    with pytest.raises(ValueError, match="attention"):
+        build_lm("transformer", tiny_config(), attention="flash")
+    with pytest.raises(ValueError, match="impl"):
+        build_lm("mamba", tiny_config(), mamba_impl="cuda")
+
+
+@pytest.mark.skipif(HAS_MAMBA_SSM, reason="checks the error raised when mamba_ssm is missing")
+def test_mamba_ssm_requested_but_missing():
+    with pytest.raises(ImportError, match="mamba-ssm"):
+        build_mamba_mixer(32, impl="mamba_ssm", device="cuda")
+
+
+def test_auto_selection_with_a_stand_in_mamba_ssm(monkeypatch):
+    """'auto' takes mamba_ssm only when it is importable AND the device is CUDA."""
+    made = []
+
+    class FakeMamba(nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            made.append(kwargs)
+
+    monkeypatch.setattr(baselines, "_import_mamba_ssm", lambda: FakeMamba)
+    mixer, impl = build_mamba_mixer(32, impl="auto", device="cpu")
+    assert impl == "mamba-hf-mambapy" and not made
+    mixer, impl = build_mamba_mixer(32, impl="auto", device="cuda")
+    assert impl == "mamba_ssm" and isinstance(mixer, FakeMamba)
+    assert made == [dict(d_model=32, d_state=16, d_conv=4, expand=3, device=torch.device("cuda"))]
+    with pytest.raises(ValueError, match="CUDA"):
+        build_mamba_mixer(32, impl="mamba_ssm", device="cpu")
+    # An explicit "hf" is honoured even on CUDA.
+    monkeypatch.setattr(baselines, "_import_mamba_ssm", lambda: pytest.fail("hf must not import mamba_ssm"))
+    model = MambaLM(tiny_config(N_LAYER=1), impl="hf")
+    assert model.implementation == "mamba-hf-mambapy"
+
+
+@pytest.mark.parametrize("name, implementation, cls", [
+    pytest.param("gam", "gam", GAMBlock, id="gam"),
+    pytest.param("transformer", "transformer-naive", TransformerBlock, id="transformer"),
+    pytest.param("transformer-sdpa", "transformer-sdpa", TransformerBlock, id="transformer-sdpa"),
+    pytest.param("mamba", "mamba-hf-mambapy", None, id="mamba"),
+])
+def test_build_block(name, implementation, cls):
+    block, impl = build_block(name, d_model=32, n_head=4, block_size=8)
+    assert impl == implementation
+    if cls is not None:
+        assert type(block) is cls
+    else:
+        assert isinstance(block, baselines.MambaMixerFallback)
+        assert sum(p.numel() for p in block.parameters()) == sum(
+            math.prod(s) for s in mamba_ssm_shapes(32).values())
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_build_block_gam_config_and_errors():
+    block, _ = build_block("gam", d_model=48)
+    assert block.memory_bank.shape == (ModelConfig().NUM_MEMORY_SLOTS, 48)
+    assert block.causal_conv.weight.shape == (48, 1, ModelConfig().CONV_KERNEL_SIZE)
+    with pytest.raises(ValueError, match="transformer-sdpa"):
+        build_block("lstm")
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA only: the official kernels against the fallback
+# ----------------------------------------------------------------------------------------
+
+needs_mamba_ssm = pytest.mark.skipif(not (HAS_CUDA and HAS_MAMBA_SSM), reason="needs CUDA and mamba_ssm")
+
+
+@needs_mamba_ssm
+def test_mamba_ssm_matches_fallback_on_cuda():
+    torch.manual_seed(7)
+    official, impl = build_mamba_mixer(64, d_state=16, d_conv=4, expand=3, impl="mamba_ssm", device="cuda")
+    assert impl == "mamba_ssm"
+    fallback, impl = build_mamba_mixer(64, d_state=16, d_conv=4, expand=3, impl="hf", device="cuda")
+    assert impl == "mamba-hf-mambapy"
+    assert list(fallback.state_dict()) == list(official.state_dict())
+    fallback.load_state_dict(official.state_dict(), strict=True)
+    x = torch.randn(2, 100, 64, device="cuda")
+    w = torch.randn_like(x)
+    grads = []
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        outs = []
+        for m in (official, fallback):
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            (y * w).sum().backward()
+            outs.append(y.detach())
+            grads.append(xi.grad)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+    off = dict(official.named_parameters())
+    for name, p in fallback.named_parameters():
+        torch.testing.assert_close(p.grad, off[name].grad, atol=1e-3, rtol=1e-2, msg=name)
+
+
+@needs_mamba_ssm
+def test_build_lm_picks_mamba_ssm_on_cuda():
+    model = build_lm("mamba", tiny_config(), device="cuda")
+    assert model.implementation == "mamba_ssm"
+    assert list(model.state_dict()) == list(build_lm("mamba", tiny_config(), mamba_impl="hf").state_dict())
+    idx = torch.randint(0, 61, (2, 10), device="cuda")
+    _, loss = model(idx, targets=idx)
+    assert torch.isfinite(loss)

@@ -1,0 +1,420 @@
+"""Tests for data.py: synthetic corpus, local files, tokenizer + cache, blocks, loaders.
+
+No test touches the network: the Hub is forced offline (env + datasets.config) and the
+reachability probe is replaced, so a mistake here fails fast instead of downloading.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+from datasets import Dataset, DatasetDict  # noqa: E402
+
+import data  # noqa: E402
+from data import DataError, TokenBlocks  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    def probe(*a, **k):
+        raise AssertionError("a test tried to reach the Hugging Face Hub")
+
+    monkeypatch.setattr(data, "_hub_reachable", probe)
+
+
+def _dd(**splits):
+    return DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in splits.items()})
+
+
+def _shared_data_dir():
+    candidates = [os.environ.get("GAM_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+SHARED = _shared_data_dir()
+
+
+# ---------------------------------------------------------------------------------------
+# synthetic corpus
+# ---------------------------------------------------------------------------------------
+
+def test_synthetic_corpus_is_deterministic_per_seed():
+    a = data.synthetic_corpus(20, 5, seed=0)
+    b = data.synthetic_corpus(20, 5, seed=0)
+    c = data.synthetic_corpus(20, 5, seed=1)
+    assert a == b
+    assert a["train"] != c["train"] and a["validation"] != c["validation"]
+    assert [len(a["train"]), len(a["validation"])] == [20, 5]
+    # validation has its own random stream: it must not move when the train size changes
+    assert data.synthetic_corpus(7, 5, seed=0)["validation"] == a["validation"]
+    assert set(a["train"]).isdisjoint(a["validation"])
+
+
+def _intro_facts(doc):
+    """{role: name}, {name: (color, animal)} and the word count of the opening facts."""
+    m = re.match(r"The (\w+) of the (\w+) is (\w+) \. The (\w+) of the (\w+) is (\w+) \. "
+                 r"(\w+) has an? (\w+) (\w+) \. (\w+) has an? (\w+) (\w+) \.", doc)
+    assert m, doc[:200]
+    g = m.groups()
+    roles = {g[0]: g[2], g[3]: g[5]}
+    pets = {g[6]: (g[7], g[8]), g[9]: (g[10], g[11])}
+    return roles, pets, len(m.group(0).split())
+
+
+def test_synthetic_corpus_has_long_range_recalls():
+    docs = data.synthetic_corpus(60, 10, seed=3)["train"]
+    far, fact_words, words = 0, 0, 0
+    for doc in docs:
+        roles, pets, n_intro = _intro_facts(doc)
+        w = doc.split()
+        first = w.index(next(iter(roles.values())))
+        later = [i for i, x in enumerate(w) if x == w[first] and i >= n_intro]
+        # the NEXT mention after the opening facts is far, not just some mention
+        far += bool(later) and later[0] - first >= 50
+        facts = set(roles) | set(roles.values()) | {x for p in pets.values() for x in p}
+        fact_words += sum(x in facts for x in w[n_intro:])
+        words += len(w)
+        # the recalls are consistent with the opening facts (the binding is real)
+        for role, name in re.findall(r"Then the (\w+) of the \w+ came , and so it was (\w+) who", doc):
+            assert roles[role] == name
+        for color, animal, name in re.findall(r"the (\w+) (\w+) belonged to (\w+) \.", doc):
+            assert pets[name] == (color, animal)
+    assert far / len(docs) >= 0.9
+    assert fact_words / words >= 0.04  # a measurable share of tokens is long-range
+
+
+def test_synthetic_source_default_sizes():
+    splits = data.load_text_splits("synthetic")
+    assert set(splits) == {"train", "validation"}
+    assert splits["train"].column_names == ["text"]
+    n_train = sum(len(t.split()) for t in splits["train"]["text"])
+    n_val = sum(len(t.split()) for t in splits["validation"]["text"])
+    assert 60_000 <= n_train <= 150_000
+    assert 20 * 257 <= n_val <= 40 * 257
+    capped = data.load_text_splits("synthetic", max_train_rows=10, max_val_rows=3)
+    assert (len(capped["train"]), len(capped["validation"])) == (10, 3)
+    assert capped["train"]["text"] == splits["train"]["text"][:10]
+    with pytest.raises(DataError):
+        data.load_text_splits("synthetic", data_dir="/nonexistent")
+    with pytest.raises(DataError, match="unknown data source"):
+        data.load_text_splits("wikitext-103")
+
+
+# ---------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------
+
+TRAIN_TEXT = ["the cat sat on the mat, and the dog sat on the rug."] * 40 + ["a man ran to the tram."] * 20
+VAL_ONLY = "zorblax"
+
+
+def _tok_splits(train=TRAIN_TEXT, val_extra=""):
+    return _dd(train=train, validation=[f"{VAL_ONLY} {VAL_ONLY} went home {val_extra}"] * 60)
+
+
+def test_tokenizer_train_only_does_not_see_validation_words():
+    splits = _tok_splits()
+    tok_train = data.get_tokenizer(splits, vocab_size=300, cache_dir=None)
+    tok_all = data.get_tokenizer(splits, vocab_size=300, train_on="all", cache_dir=None)
+    assert tok_train.token_to_id(VAL_ONLY) is None
+    assert tok_train.encode(VAL_ONLY).tokens != [VAL_ONLY]
+    assert tok_all.token_to_id(VAL_ONLY) is not None
+    assert tok_all.encode(VAL_ONLY).tokens == [VAL_ONLY]
+    # a list of split names works like "all"
+    tok_list = data.get_tokenizer(splits, vocab_size=300, train_on=["validation", "train"], cache_dir=None)
+    assert tok_list.get_vocab() == tok_all.get_vocab()
+    with pytest.raises(DataError, match="test"):
+        data.get_tokenizer(splits, vocab_size=300, train_on="test", cache_dir=None)
+
+
+def test_tokenizer_special_tokens_and_settings():
+    tok = data.get_tokenizer(_tok_splits(), vocab_size=300, cache_dir=None)
+    assert [tok.token_to_id(t) for t in ("[UNK]", "[PAD]", "[SOS]", "[EOS]")] == [0, 1, 2, 3]
+    # Whitespace pre-tokenizer: punctuation splits off; no special tokens are added
+    assert tok.encode("the cat.").tokens == ["the", "cat", "."]
+    assert tok.encode("zzz").ids == [0, 0, 0]  # unseen chars: one [UNK] each (fuse_unk off, as in SPEC)
+    assert tok.get_vocab_size() <= 300
+
+
+def test_tokenizer_cache_key_and_reuse(tmp_path, monkeypatch):
+    base = _tok_splits()
+    key = lambda s, v=300, on=("train",): data.tokenizer_cache_key(s, vocab_size=v, train_on=on)  # noqa: E731
+    k0 = key(base)
+    assert key(_tok_splits()) == k0  # same content, new Dataset objects -> same key
+    assert key(base, v=301) != k0
+    assert key(base, on=("train", "validation")) != k0
+    assert key(_tok_splits(train=TRAIN_TEXT + ["one more row"])) != k0
+    assert key(_tok_splits(train=["ab", "c"])) != key(_tok_splits(train=["a", "bc"]))  # row boundaries count
+    # validation text is only part of the key when the tokenizer trains on it
+    edited_val = _tok_splits(val_extra="again")
+    assert key(edited_val) == k0
+    assert key(edited_val, on=("train", "validation")) != key(base, on=("train", "validation"))
+
+    tok = data.get_tokenizer(base, vocab_size=300, cache_dir=tmp_path)
+    path = tmp_path / f"tokenizer-{k0}.json"
+    assert path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
+    mtime = path.stat().st_mtime_ns
+
+    def no_training(*a, **k):
+        raise AssertionError("retrained although a cached tokenizer exists")
+
+    monkeypatch.setattr(data, "_train_tokenizer", no_training)
+    again = data.get_tokenizer(_tok_splits(), vocab_size=300, cache_dir=tmp_path)
+    assert again.get_vocab() == tok.get_vocab()
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(AssertionError, match="retrained"):  # other settings -> new key -> trains
+        data.get_tokenizer(base, vocab_size=301, cache_dir=tmp_path)
+    monkeypatch.undo()
+
+    path.write_text("{not json")  # a damaged cache file is replaced, not fatal
+    fixed = data.get_tokenizer(base, vocab_size=300, cache_dir=tmp_path)
+    assert fixed.get_vocab() == tok.get_vocab()
+    assert json.loads(path.read_text())["model"]["type"] == "BPE"
+
+
+# ---------------------------------------------------------------------------------------
+# blocks
+# ---------------------------------------------------------------------------------------
+
+def test_token_blocks_chunking():
+    rows = [list(range(i * 100, i * 100 + 100)) for i in range(8)]  # 800 ids
+    flat = [x for r in rows for x in r]
+    ds = TokenBlocks(rows, block_size=256)
+    assert len(ds) == 800 // 257 == 3
+    assert ds.n_tokens == 800 and ds.n_dropped == 800 - 3 * 257
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.dtype == y.dtype == torch.long
+        assert x.shape == y.shape == (256,)
+        chunk = flat[i * 257:(i + 1) * 257]  # non-overlapping
+        assert x.tolist() == chunk[:-1] and y.tolist() == chunk[1:]
+    same = TokenBlocks(torch.tensor(flat), block_size=256)
+    assert torch.equal(same.blocks, ds.blocks)
+    assert len(TokenBlocks([list(range(256))], block_size=256)) == 0  # 256 < 257
+    assert len(TokenBlocks([list(range(257))], block_size=256)) == 1
+    assert len(TokenBlocks([[1, 2], [3], [4, 5, 6]], block_size=2)) == 2
+
+
+def test_encode_splits_matches_per_row_encoding():
+    splits = _tok_splits()
+    tok = data.get_tokenizer(splits, vocab_size=300, cache_dir=None)
+    ids = data.encode_splits(splits, tok)
+    assert set(ids) == {"train", "validation"}
+    assert ids["train"][0] == tok.encode(TRAIN_TEXT[0]).ids
+    assert len(ids["validation"]) == 60
+
+
+# ---------------------------------------------------------------------------------------
+# local files
+# ---------------------------------------------------------------------------------------
+
+def test_local_wikitext_raw_rows_are_lines(tmp_path):
+    (tmp_path / "wiki.train.raw").write_text(" \n = Title = \n \n Some text , here . \n\n last line \n", encoding="utf-8")
+    (tmp_path / "wiki.valid.raw").write_text(" = V = \n v text \n", encoding="utf-8")
+    (tmp_path / "wiki.test.raw").write_text(" t \n", encoding="utf-8")
+    s = data.load_text_splits("wikitext2", data_dir=tmp_path)
+    # like the Hub builder: the line with its "\n"; whitespace-only lines become ""
+    assert s["train"]["text"] == ["", " = Title = \n", "", " Some text , here . \n", "", " last line \n"]
+    assert s["validation"]["text"] == [" = V = \n", " v text \n"]
+    assert s["test"]["text"] == [" t \n"]
+    capped = data.load_text_splits("wikitext2", data_dir=str(tmp_path), max_train_rows=2, max_val_rows=1)
+    assert capped["train"]["text"] == ["", " = Title = \n"]
+    assert len(capped["validation"]) == 1 and len(capped["test"]) == 1  # test is never capped
+
+
+def test_local_txt_stories_bom_and_jsonl(tmp_path):
+    stories = "Once there was a cat.\nIt sat.\n<|endoftext|>\nA dog ran.\n<|endoftext|>\nThe end.<|endoftext|>Tail story\n"
+    (tmp_path / "train_subset.txt").write_bytes(stories.encode("utf-8"))
+    (tmp_path / "valid_subset.txt").write_bytes(b"\xef\xbb\xbfSpot saw a car.\n<|endoftext|>\nBye.\n<|endoftext|>\n")
+    s = data.load_text_splits("tinystories", data_dir=tmp_path)
+    assert s["train"]["text"] == ["Once there was a cat.\nIt sat.", "A dog ran.", "The end.", "Tail story"]
+    assert s["validation"]["text"] == ["Spot saw a car.", "Bye."]  # BOM stripped
+    assert "test" not in s
+    assert data.load_text_splits("tinystories", data_dir=tmp_path, max_train_rows=2)["train"]["text"] == [
+        "Once there was a cat.\nIt sat.", "A dog ran."]
+
+    j = tmp_path / "j"
+    j.mkdir()
+    (j / "train.jsonl").write_text('{"text": "first row", "id": 1}\n\n{"text": "second"}\n', encoding="utf-8")
+    (j / "validation.json").write_text(json.dumps([{"text": "v1"}, {"text": "v2"}]), encoding="utf-8")
+    s = data.load_text_splits("wikitext2", data_dir=j)
+    assert s["train"]["text"] == ["first row", "second"]
+    assert s["validation"]["text"] == ["v1", "v2"]
+    (j / "train.jsonl").write_text('{"body": "no text field"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="text"):
+        data.load_text_splits("wikitext2", data_dir=j)
+
+
+def test_local_plain_txt_without_marker_is_one_row_per_line(tmp_path):
+    (tmp_path / "train.txt").write_text("\ufeffline one\nline two\n", encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("v\n", encoding="utf-8")
+    s = data.load_text_splits("wikitext2", data_dir=tmp_path)
+    assert s["train"]["text"] == ["line one\n", "line two\n"]
+
+
+def test_local_files_errors(tmp_path):
+    (tmp_path / "wiki.train.raw").write_text("some words\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        data.load_text_splits("wikitext2", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "validation" in msg and "wiki.valid.raw" in msg and "valid_subset.txt" in msg
+    assert "\n" not in msg
+
+    with pytest.raises(DataError, match="does not exist"):
+        data.load_text_splits("wikitext2", data_dir=tmp_path / "missing")
+
+    (tmp_path / "wiki.valid.raw").write_text(" \n\n", encoding="utf-8")
+    with pytest.raises(DataError, match="validation split .* is empty"):
+        data.load_text_splits("wikitext2", data_dir=tmp_path)
+
+    (tmp_path / "wiki.valid.raw").write_text("fine\n", encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="several train files"):
+        data.load_text_splits("wikitext2", data_dir=tmp_path)
+
+    (tmp_path / "train.jsonl").unlink()
+    (tmp_path / "wiki.train.raw").write_bytes(b"caf\xe9\n")  # latin-1, not UTF-8
+    with pytest.raises(DataError, match="UTF-8"):
+        data.load_text_splits("wikitext2", data_dir=tmp_path)
+
+
+@pytest.mark.skipif(SHARED is None or not (SHARED / "wikitext-2-raw").is_dir(), reason="shared WikiText-2 files absent")
+def test_shared_wikitext2_matches_hub_row_counts():
+    s = data.load_text_splits("wikitext2", data_dir=SHARED / "wikitext-2-raw")
+    assert {k: len(v) for k, v in s.items()} == {"train": 36_718, "validation": 3_760, "test": 4_358}
+    assert s["train"][0]["text"] == ""
+    assert s["train"][1]["text"] == " = Valkyria Chronicles III = \n"
+    assert s["validation"][1]["text"] == " = Homarus gammarus = \n"
+
+
+@pytest.mark.skipif(SHARED is None or not (SHARED / "tinystories").is_dir(), reason="shared TinyStories files absent")
+def test_shared_tinystories_subsets():
+    s = data.load_text_splits("tinystories", data_dir=SHARED / "tinystories")
+    assert {k: len(v) for k, v in s.items()} == {"train": 2_316, "validation": 1_840}
+    assert s["train"][0]["text"].startswith("One day, a little girl named Lily found a needle")
+    assert s["validation"][0]["text"].startswith("Spot. Spot saw the shiny car")
+    assert not any("<|endoftext|>" in t for t in s["train"]["text"][:50])
+
+
+# ---------------------------------------------------------------------------------------
+# Hub unreachable
+# ---------------------------------------------------------------------------------------
+
+def test_hub_unreachable_probe_fails_fast(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(data, "_hub_reachable", lambda *a, **k: False)
+
+    def must_not_load(*a, **k):
+        raise AssertionError("load_dataset called although the Hub is unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", must_not_load)
+    with pytest.raises(DataError) as e:
+        data.load_text_splits("tinystories")
+    assert "--data-dir" in str(e.value) and "roneneldan/TinyStories" in str(e.value)
+
+
+def test_hub_connection_error_becomes_data_error(monkeypatch):
+    calls = []
+
+    def offline(*a, **k):
+        calls.append(a)
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as e:
+        data.load_text_splits("wikitext2")
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1")]
+    msg = str(e.value)
+    assert "--data-dir" in msg and "Salesforce/wikitext" in msg and "\n" not in msg
+
+
+def test_real_offline_mode_gives_data_error(tmp_path):
+    # the real datasets code path, in a fresh interpreter with an empty HF cache
+    code = textwrap.dedent("""
+        import data
+        try:
+            data.load_text_splits("wikitext2")
+        except data.DataError as e:
+            print("DATAERROR:", e)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path),
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert "DATAERROR:" in out.stdout, out.stderr[-2000:]
+    assert "--data-dir" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# loaders
+# ---------------------------------------------------------------------------------------
+
+def _first_batches(loader, n=3):
+    return [x.clone() for x, _ in list(loader)[:n]]
+
+
+def test_build_loaders_synthetic(tmp_path):
+    tl, vl, tok, info = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5)
+    assert info["source"] == "synthetic" and info["data_dir"] is None
+    assert info["rows"] == {"train": data.SYNTHETIC_TRAIN_DOCS, "validation": data.SYNTHETIC_VAL_DOCS}
+    assert info["vocab_size"] == tok.get_vocab_size() == 400
+    assert info["tokenizer_splits"] == ["train"]
+    assert Path(info["tokenizer_path"]).is_file() and Path(info["tokenizer_path"]).parent == tmp_path
+    assert 200 <= info["blocks"]["train"] <= 600 and 20 <= info["blocks"]["validation"] <= 40
+    for split, loader in (("train", tl), ("validation", vl)):
+        assert len(loader.dataset) == info["blocks"][split] == info["tokens"][split] // 257
+    x, y = next(iter(tl))
+    assert x.shape == y.shape == (16, 256) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert int(x.max()) < 400
+
+    # validation is unshuffled and keeps its last partial batch
+    vx = torch.cat([b[0] for b in vl])
+    assert torch.equal(vx, vl.dataset.blocks[:, :-1])
+
+    # shuffling: reproducible by seed, different across seeds and epochs, resumable
+    tl2, _, _, info2 = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5)
+    tl2b, _, _, _ = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5)
+    assert info2["tokenizer_path"] == info["tokenizer_path"]
+    state = tl2.generator.get_state()
+    epoch1 = _first_batches(tl2)
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, _first_batches(tl2b)))
+    epoch2 = _first_batches(tl2)
+    assert not torch.equal(epoch1[0], epoch2[0])
+    tl2.generator.set_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, _first_batches(tl2)))
+    tl3, _, _, _ = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=6)
+    assert not torch.equal(_first_batches(tl3, 1)[0], epoch1[0])
+    assert sum(len(b[0]) for b in tl) == len(tl.dataset)  # drop_last=False
+
+
+def test_build_loaders_too_little_data(tmp_path):
+    (tmp_path / "train.txt").write_text("word " * 2000 + "\n", encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("word " * 100 + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="validation split has only 100 tokens"):
+        data.build_loaders("wikitext2", data_dir=tmp_path, vocab_size=300)
+    tl, vl, tok, info = data.build_loaders("wikitext2", data_dir=tmp_path, vocab_size=300, block_size=64)
+    assert info["blocks"] == {"train": 2000 // 65, "validation": 100 // 65}
+    assert info["data_dir"] == str(tmp_path) and info["tokenizer_path"] is None

@@ -80,7 +80,7 @@ PRESETS = {
     "cpu": dict(
         runs={"wikitext2": ["transformer", "mamba", "gam"]},
         vocab_size=8192, block_size=128, n_embed=128, n_layer=2, n_head=4, num_memory_slots=128,
-        d_state=8, expand=2, batch_size=32, lr=1e-3, warmup_steps=50, epochs=2, max_train_blocks=2000,
+        d_state=8, expand=2, batch_size=32, lr=2e-3, warmup_steps=30, epochs=2, max_train_blocks=5000,
     ),
 }
 

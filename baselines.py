@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig
+from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, feed_forward
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -124,12 +124,7 @@ class TransformerBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(C)
         self.attn = CausalSelfAttention(config, n_head=n_head, attention=attention)
         self.ln_2 = nn.LayerNorm(C)
-        self.ffn = nn.Sequential(
-            nn.Linear(C, 4 * C),
-            nn.GELU(),  # exact (erf) GELU, as in GAMBlock
-            nn.Linear(4 * C, C),
-            nn.Dropout(config.DROPOUT),
-        )
+        self.ffn = feed_forward(C, config.DROPOUT)  # the same FFN as GAMBlock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))                                        # (B, T, C)

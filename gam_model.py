@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-__all__ = ["ModelConfig", "GAMBlock", "CausalLM", "GAM_Model"]
+__all__ = ["ModelConfig", "GAMBlock", "CausalLM", "GAM_Model", "feed_forward"]
 
 
 @dataclass
@@ -77,6 +77,19 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def feed_forward(n_embed: int, dropout: float) -> nn.Sequential:
+    """The FFN of every block here: Linear(C, 4C) -> GELU -> Linear(4C, C) -> Dropout.
+
+    Indices 0 and 2 hold the weights: the reference's key names ``ffn.0`` / ``ffn.2``.
+    """
+    return nn.Sequential(
+        nn.Linear(n_embed, 4 * n_embed),
+        nn.GELU(),  # exact (erf) GELU, as the reference
+        nn.Linear(4 * n_embed, n_embed),
+        nn.Dropout(dropout),
+    )
+
+
 class GAMBlock(nn.Module):
     """One GAM block: (B, T, C) -> (B, T, C). See the module docstring for the math."""
 
@@ -98,13 +111,7 @@ class GAMBlock(nn.Module):
             n_paths = int(self.use_local) + int(self.use_global)
             self.gate = nn.Linear(C, n_paths * C)
         self.ln2 = nn.LayerNorm(C)
-        # Indices 0 and 2 hold the weights: the reference's key names ffn.0 / ffn.2.
-        self.ffn = nn.Sequential(
-            nn.Linear(C, 4 * C),
-            nn.GELU(),  # exact (erf) GELU, as the reference
-            nn.Linear(4 * C, C),
-            nn.Dropout(config.DROPOUT),
-        )
+        self.ffn = feed_forward(C, config.DROPOUT)
 
     def local_context(self, h: torch.Tensor) -> torch.Tensor:
         """Causal depthwise convolution over time: (B, T, C) -> (B, T, C)."""

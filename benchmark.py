@@ -79,8 +79,8 @@ PRESETS = {
     # WikiText-2 from local files, models scaled down to fit 2 CPU cores in < 30 minutes.
     "cpu": dict(
         runs={"wikitext2": ["transformer", "mamba", "gam"]},
-        vocab_size=8192, block_size=128, n_embed=128, n_layer=2, n_head=4, num_memory_slots=128,
-        d_state=8, expand=2, batch_size=32, lr=2e-3, warmup_steps=30, epochs=2, max_train_blocks=5000,
+        vocab_size=4096, block_size=128, n_embed=128, n_layer=2, n_head=4, num_memory_slots=128,
+        d_state=8, expand=2, batch_size=16, lr=3e-3, warmup_steps=50, epochs=2, max_train_blocks=8000,
     ),
 }
 
@@ -394,6 +394,16 @@ def run_one(cfg, dataset, model_name, loaders, info, device, logger) -> dict:
 PAPER_ROWS = {"wikitext2": (36718, 3760), "tinystories": (50000, 5000)}
 
 
+def unigram_perplexity(train_blocks: torch.Tensor, val_blocks: torch.Tensor, vocab_size: int) -> float:
+    """Validation PPL of a model that knows only the train split's token frequencies (add-one).
+
+    The floor any LM must beat: a model at this PPL has learned no context at all.
+    """
+    counts = torch.bincount(train_blocks[:, 1:].reshape(-1), minlength=vocab_size).double() + 1.0
+    log_p = (counts / counts.sum()).log()
+    return math.exp(-log_p[val_blocks[:, 1:].reshape(-1)].mean().item())
+
+
 def is_paper_config(record: dict) -> bool:
     """True when a run used the paper's full setup, so its numbers sit beside the paper's."""
     cfg, rows = record["config"], record["data"]["rows"]
@@ -423,6 +433,9 @@ def table1_markdown(records: list[dict]) -> str:
                      f"{fmt(r.get('mean_epoch_time_s'), '.1f')} | {fmt(r.get('final_val_loss'))} | "
                      f"{fmt(r.get('final_val_ppl'), '.2f')} | {p.get('params', '—')} | "
                      f"{fmt(p.get('epoch_time_s'), '.1f')} | {fmt(p.get('val_loss'))} | {fmt(p.get('val_ppl'), '.2f')} |")
+    unigram = {r["dataset"]: r["data"].get("unigram_val_ppl") for r in rows}
+    notes.update(f"Reference: a unigram model (train token frequencies, add-one smoothing) has validation "
+                 f"PPL {ppl:.2f} on {d} with this tokenizer." for d, ppl in unigram.items() if ppl)
     return "\n".join(lines + [""] + sorted(notes)) + "\n"
 
 
@@ -561,8 +574,10 @@ def run_all(cfg: dict, device: torch.device, logger: WandbLogger, args) -> list[
                 seed=cfg["seed"], num_workers=args.num_workers)
         except DataError as e:
             raise UsageError(str(e)) from None
+        info["unigram_val_ppl"] = unigram_perplexity(train_loader.dataset.blocks, val_loader.dataset.blocks,
+                                                     info["vocab_size"])
         print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "
-              f"vocab {info['vocab_size']:,}")
+              f"vocab {info['vocab_size']:,}, unigram validation PPL {info['unigram_val_ppl']:.2f}")
         for model_name in models:
             records.append(run_one(cfg, dataset, model_name, (train_loader, val_loader), info, device, logger))
             write_results(records, out_dir)

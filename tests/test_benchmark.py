@@ -82,6 +82,7 @@ def test_cli_smoke_run_writes_results(tmp_path):
     for name in ("transformer", "mamba", "gam"):
         assert f"| synthetic | {name} (" in table
     assert "The paper reports no gam run on synthetic." in table
+    assert "Reference: a unigram model" in table and records[0]["data"]["unigram_val_ppl"] > 1
     assert "882.57" not in table
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "checkpoints" / "synthetic-gam.pt").is_file()
@@ -239,3 +240,11 @@ def test_presets_and_flag_precedence(tmp_path):
     for k, v in benchmark.PAPER_HPARAMS.items():
         assert paper[k] == v, k
     assert paper["runs"] == {"wikitext2": ["transformer", "mamba", "gam"], "tinystories": ["transformer", "gam"]}
+
+
+def test_unigram_perplexity_matches_hand_computation():
+    # Train targets [0, 0, 1] with add-one over V=3 -> p = [3, 2, 1] / 6; validation targets [0, 2].
+    train = torch.tensor([[9, 0, 0, 1]])
+    val = torch.tensor([[9, 0, 2]])
+    expected = math.exp(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
+    assert benchmark.unigram_perplexity(train, val, vocab_size=3) == pytest.approx(expected, rel=1e-12)

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", choices=["online", "offline", "disabled"], default=None,
                    help="default: online when logged in to wandb, else offline")
     p.add_argument("--wandb-project", default="gam-reproduction")
+    p.add_argument("--unigram-only", action="store_true",
+                   help="prepare the data, write the unigram reference PPL to unigram.json, train nothing")
     return p
 
 
@@ -555,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:
         print(f"benchmark.py: {e}", file=sys.stderr)
         return 1
+    if args.unigram_only:
+        print(f"unigram reference: {out_dir / 'unigram.json'}")
+        return 0
     print((out_dir / "table1.md").read_text() if (out_dir / "table1.md").exists() else "")
     print(f"results: {out_dir / 'results.json'}")
     return 0
@@ -563,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(cfg: dict, device: torch.device, logger: WandbLogger, args) -> list[dict]:
     from data import DataError, build_loaders
 
-    out_dir, records = Path(cfg["out_dir"]), []
+    out_dir, records, unigram = Path(cfg["out_dir"]), [], {}
     for dataset, models in cfg["runs"].items():
         try:
             train_loader, val_loader, _, info = build_loaders(
@@ -578,6 +583,11 @@ def run_all(cfg: dict, device: torch.device, logger: WandbLogger, args) -> list[
                                                      info["vocab_size"])
         print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "
               f"vocab {info['vocab_size']:,}, unigram validation PPL {info['unigram_val_ppl']:.2f}")
+        if args.unigram_only:
+            unigram = {**unigram, dataset: {k: info[k] for k in ("unigram_val_ppl", "vocab_size", "tokenizer_splits",
+                                                                 "tokens", "block_size", "rows")}}
+            atomic_write_json(out_dir / "unigram.json", unigram)
+            continue
         for model_name in models:
             records.append(run_one(cfg, dataset, model_name, (train_loader, val_loader), info, device, logger))
             write_results(records, out_dir)

@@ -248,3 +248,11 @@ def test_unigram_perplexity_matches_hand_computation():
     val = torch.tensor([[9, 0, 2]])
     expected = math.exp(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
     assert benchmark.unigram_perplexity(train, val, vocab_size=3) == pytest.approx(expected, rel=1e-12)
+
+
+def test_unigram_only_trains_nothing(tmp_path):
+    out = tmp_path / "u"
+    assert benchmark.main(tiny_args(out) + ["--unigram-only"]) == 0
+    unigram = json.loads((out / "unigram.json").read_text())
+    assert 1 < unigram["synthetic"]["unigram_val_ppl"] < unigram["synthetic"]["vocab_size"] * 2
+    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()

@@ -597,3 +597,15 @@ def test_readme_usage_example():
     assert logits.shape == (8, 128, 10000)
     assert math.isfinite(loss.item())
     assert abs(loss.item() - math.log(10000)) < 1.5
+
+
+def test_readme_usage_snippet_runs_as_written(capsys):
+    """The README's first python block (the paper's usage example) runs verbatim."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "GAM_Model(config)" in snippet and "ModelConfig(" in snippet
+    torch.manual_seed(0)
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "Model initialized with 22,599,680 parameters." in out
+    assert "Output logits shape: torch.Size([8, 128, 10000])" in out

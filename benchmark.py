@@ -546,8 +546,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args, explicit)
         device = resolve_device(args.device)
         out_dir = Path(cfg["out_dir"])
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "config.json", cfg)
         logger = WandbLogger(args.wandb, args.wandb_project, out_dir)
         print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {out_dir}, wandb {logger.mode}")
         records = run_all(cfg, device, logger, args)
@@ -579,6 +577,7 @@ def run_all(cfg: dict, device: torch.device, logger: WandbLogger, args) -> list[
                 seed=cfg["seed"], num_workers=args.num_workers)
         except DataError as e:
             raise UsageError(str(e)) from None
+        atomic_write_json(out_dir / "config.json", cfg)  # only once the data is known to load
         info["unigram_val_ppl"] = unigram_perplexity(train_loader.dataset.blocks, val_loader.dataset.blocks,
                                                      info["vocab_size"])
         print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "

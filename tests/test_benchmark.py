@@ -196,6 +196,7 @@ def test_unreadable_data_dir_exits_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "valid" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing written half-way
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():

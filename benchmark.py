@@ -159,7 +159,7 @@ def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
             raise UsageError(f"--resume {args.resume}: no config.json there (is it a benchmark.py --out-dir?)")
         allowed = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir"}
         if explicit - allowed:
-            raise UsageError(f"--resume restores the saved config; drop these flags: "
+            raise UsageError("--resume restores the saved config; drop these flags: "
                              + " ".join("--" + k.replace("_", "-") for k in sorted(explicit - allowed)))
         cfg = json.loads(saved.read_text())
         cfg["out_dir"] = str(Path(args.resume))
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(cfg["out_dir"])
         logger = WandbLogger(args.wandb, args.wandb_project, out_dir)
         print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {out_dir}, wandb {logger.mode}")
-        records = run_all(cfg, device, logger, args)
+        run_all(cfg, device, logger, args)
     except UsageError as e:
         print(f"benchmark.py: error: {e}", file=sys.stderr)
         return 2

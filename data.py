@@ -27,7 +27,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -42,6 +41,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.trainers import BpeTrainer
+
+from reporting import atomic_write_text
 
 __all__ = [
     "DataError",
@@ -587,18 +588,8 @@ def _get_tokenizer_and_path(
     tok = _train_tokenizer(batches(), n_rows, vocab_size, show_progress)
 
     if path is not None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # temp file + os.replace: a concurrent run or a crash never leaves a half-written
-        # JSON under the final name
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=os.path.dirname(path))
-        os.close(fd)
-        try:
-            tok.save(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        # Atomic: a concurrent run or a crash never leaves a half-written JSON under the final name.
+        atomic_write_text(path, tok.to_str())
     return tok, path, names
 
 

@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from baselines import BLOCK_NAMES, build_block
-from reporting import OneLineParser, atomic_write_bytes, atomic_write_text, run_metadata
+from reporting import OneLineParser, atomic_save_figure, atomic_write_text, run_metadata
 
 MODELS = BLOCK_NAMES  # gam, transformer (naive attention), transformer-sdpa, mamba
 LABELS = {"gam": "GAM", "transformer": "Transformer", "transformer-sdpa": "Transformer (SDPA)", "mamba": "Mamba"}
@@ -530,10 +530,8 @@ def plot(rows, args, key, ylabel, filename, paper_index) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(f"one block fwd+bwd, {args.device} {args.dtype}, batch {args.batch_size}, d_model {args.d_model}")
     ax.grid(True, which="both", alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_save_figure(fig, os.path.join(args.out_dir, filename), dpi=120, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(os.path.join(args.out_dir, filename), buf.getvalue())
 
 
 def write_outputs(rows, args) -> str:

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
             kind = float if isinstance(value, float) else int
             g.add_argument(flag, type=kind, default=None, metavar=name.upper(),
                            help=HELP.get(name, "") + f"paper: {'all' if value is None else value}")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="run every (dataset, model) once per seed (overrides --seed); tables show mean ± std")
     p.add_argument("--mamba-impl", choices=["auto", "hf", "mamba_ssm"], default="auto",
                    help="mamba_ssm kernels (CUDA) or the pure-PyTorch Hugging Face mixer")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -173,6 +175,7 @@ def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
         datasets = args.datasets or list(runs)
         runs = {d: args.models or runs.get(d) or ["transformer", "mamba", "gam"] for d in datasets}
     cfg["preset"] = args.preset
+    cfg["seeds"] = list(args.seeds) if args.seeds else [cfg["seed"]]
     cfg["mamba_impl"] = args.mamba_impl
     cfg["runs"] = runs
     cfg["data_dirs"] = parse_data_dirs(args.data_dir, runs)
@@ -283,11 +286,25 @@ def set_rng_state(state: dict, train_loader) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> float:
-    """Mean of per-batch mean losses, as the author's code."""
+def evaluate(model, loader, device) -> tuple[float, list[float]]:
+    """(mean of per-batch mean losses, as the author's code; mean loss at each block position).
+
+    The per-position curve shows how much a model gains from context: position p has p
+    tokens before it. Ignored targets (-100) count neither in the loss nor in the curve.
+    """
     model.eval()
-    losses = [model(x.to(device), y.to(device))[1].item() for x, y in loader]
-    return sum(losses) / len(losses)
+    losses, pos_sum, pos_count = [], 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits, loss = model(x, y)
+        losses.append(loss.item())
+        per_token = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), y, reduction="none", ignore_index=-100)     # (B, T)
+        scored = (y != -100)
+        pos_sum = pos_sum + per_token.double().sum(0)                       # (T,)
+        pos_count = pos_count + scored.sum(0)                               # (T,)
+    by_position = (pos_sum / pos_count.clamp(min=1)).tolist()
+    return sum(losses) / len(losses), by_position
 
 
 def train_epoch(model, loader, optimizer, scheduler, cfg, device, desc, log_step):
@@ -325,10 +342,16 @@ def train_epoch(model, loader, optimizer, scheduler, cfg, device, desc, log_step
     return total / max(1, n), time.perf_counter() - start, tokens
 
 
+def run_name(cfg: dict, dataset: str, model_name: str) -> str:
+    """<dataset>-<model>, plus -seed<S> when the run has several seeds."""
+    seeds = cfg.get("seeds", [cfg["seed"]])
+    return f"{dataset}-{model_name}" + (f"-seed{cfg['seed']}" if len(seeds) > 1 else "")
+
+
 def run_one(cfg, dataset, model_name, loaders, info, device, logger) -> dict:
     """Train and evaluate one model on one dataset, resuming from its checkpoint if present."""
     train_loader, val_loader = loaders
-    ckpt_path = Path(cfg["out_dir"]) / "checkpoints" / f"{dataset}-{model_name}.pt"
+    ckpt_path = Path(cfg["out_dir"]) / "checkpoints" / f"{run_name(cfg, dataset, model_name)}.pt"
     torch.manual_seed(cfg["seed"])  # the same init for a model whatever ran before it
     random.seed(cfg["seed"])
     train_loader.generator.manual_seed(cfg["seed"])
@@ -340,7 +363,7 @@ def run_one(cfg, dataset, model_name, loaders, info, device, logger) -> dict:
         steps_per_epoch = min(steps_per_epoch, math.ceil(cfg["max_train_blocks"] / cfg["batch_size"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg["warmup_steps"], cfg["epochs"] * steps_per_epoch))
-    record = {"dataset": dataset, "model": model_name, "params": model.num_params(),
+    record = {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
               "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
               "status": "running", "epochs": [],
               "model_config": mc.to_dict(), "data": info, **run_metadata(device), "config": cfg}
@@ -355,20 +378,20 @@ def run_one(cfg, dataset, model_name, loaders, info, device, logger) -> dict:
         print(f"  resumed {dataset}/{model_name} after epoch {len(record['epochs'])} from {ckpt_path}")
 
     print(f"  {model_name}: {record['params']:,} parameters ({record['implementation']}) on {dataset}")
-    run = logger.start(f"{dataset}-{model_name}", record)
+    run = logger.start(run_name(cfg, dataset, model_name), record)
     try:
         for epoch in range(len(record["epochs"]), cfg["epochs"]):
             desc = f"{dataset}/{model_name} epoch {epoch + 1}/{cfg['epochs']}"
             train_loss, seconds, tokens = train_epoch(model, train_loader, optimizer, scheduler, cfg, device,
                                                       desc, run.log)
-            val_loss = evaluate(model, val_loader, device)
+            val_loss, val_by_position = evaluate(model, val_loader, device)
             if not math.isfinite(val_loss):
                 raise DivergedError(f"non-finite validation loss ({val_loss}) after epoch {epoch + 1}")
             stats = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                      "val_ppl": math.exp(min(val_loss, 700.0)), "epoch_time_s": seconds,
-                     "tokens_per_s": tokens / seconds}
+                     "tokens_per_s": tokens / seconds, "val_loss_by_position": val_by_position}
             record["epochs"].append(stats)
-            run.log({f"epoch/{k}": v for k, v in stats.items()})
+            run.log({f"epoch/{k}": v for k, v in stats.items() if k != "val_loss_by_position"})
             print(f"  epoch {epoch + 1}/{cfg['epochs']}: train {train_loss:.4f} | val {val_loss:.4f} "
                   f"| ppl {stats['val_ppl']:.2f} | {seconds:.1f} s | {stats['tokens_per_s']:,.0f} tok/s")
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -587,11 +610,13 @@ def run_all(cfg: dict, device: torch.device, logger: WandbLogger, args) -> list[
                                                                  "tokens", "block_size", "rows")}}
             atomic_write_json(out_dir / "unigram.json", unigram)
             continue
-        for model_name in models:
-            records.append(run_one(cfg, dataset, model_name, (train_loader, val_loader), info, device, logger))
-            write_results(records, out_dir)
-            if records[-1]["status"] == "diverged":
-                raise DivergedError(records[-1]["error"])
+        for seed in cfg.get("seeds", [cfg["seed"]]):
+            for model_name in models:
+                seeded = {**cfg, "seed": seed}
+                records.append(run_one(seeded, dataset, model_name, (train_loader, val_loader), info, device, logger))
+                write_results(records, out_dir)
+                if records[-1]["status"] == "diverged":
+                    raise DivergedError(records[-1]["error"])
     return records
 
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import benchmark  # noqa: E402
 from gam_model import GAM_Model, ModelConfig  # noqa: E402

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,6 +24,7 @@ import datasets  # noqa: E402
 from datasets import Dataset, DatasetDict  # noqa: E402
 
 import data  # noqa: E402
+import synthetic  # noqa: E402
 from data import DataError, TokenBlocks  # noqa: E402
 
 
@@ -60,14 +60,14 @@ SHARED = _shared_data_dir()
 # ---------------------------------------------------------------------------------------
 
 def test_synthetic_corpus_is_deterministic_per_seed():
-    a = data.synthetic_corpus(20, 5, seed=0)
-    b = data.synthetic_corpus(20, 5, seed=0)
-    c = data.synthetic_corpus(20, 5, seed=1)
+    a = synthetic.synthetic_corpus(20, 5, seed=0)
+    b = synthetic.synthetic_corpus(20, 5, seed=0)
+    c = synthetic.synthetic_corpus(20, 5, seed=1)
     assert a == b
     assert a["train"] != c["train"] and a["validation"] != c["validation"]
     assert [len(a["train"]), len(a["validation"])] == [20, 5]
     # validation has its own random stream: it must not move when the train size changes
-    assert data.synthetic_corpus(7, 5, seed=0)["validation"] == a["validation"]
+    assert synthetic.synthetic_corpus(7, 5, seed=0)["validation"] == a["validation"]
     assert set(a["train"]).isdisjoint(a["validation"])
 
 
@@ -83,7 +83,7 @@ def _intro_facts(doc):
 
 
 def test_synthetic_corpus_has_long_range_recalls():
-    docs = data.synthetic_corpus(60, 10, seed=3)["train"]
+    docs = synthetic.synthetic_corpus(60, 10, seed=3)["train"]
     far, fact_words, words = 0, 0, 0
     for doc in docs:
         roles, pets, n_intro = _intro_facts(doc)
@@ -378,7 +378,7 @@ def _first_batches(loader, n=3):
 def test_build_loaders_synthetic(tmp_path):
     tl, vl, tok, info = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5)
     assert info["source"] == "synthetic" and info["data_dir"] is None
-    assert info["rows"] == {"train": data.SYNTHETIC_TRAIN_DOCS, "validation": data.SYNTHETIC_VAL_DOCS}
+    assert info["rows"] == {"train": synthetic.SYNTHETIC_TRAIN_DOCS, "validation": synthetic.SYNTHETIC_VAL_DOCS}
     assert info["vocab_size"] == tok.get_vocab_size() == 400
     assert info["tokenizer_splits"] == ["train"]
     assert Path(info["tokenizer_path"]).is_file() and Path(info["tokenizer_path"]).parent == tmp_path

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gam_model import GAM_Model, ModelConfig  # noqa: E402
 

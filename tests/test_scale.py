@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import scale  # noqa: E402
 from baselines import build_block  # noqa: E402

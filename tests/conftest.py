@@ -1,0 +1,20 @@
+"""Shared test set-up: the repository root on sys.path, the shared data folder, no network."""
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# No test may reach the Hugging Face Hub: a mistake fails fast instead of downloading.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data (or $GAM_SHARED_DATA) when present; tests that need it skip otherwise."""
+    for candidate in (os.environ.get("GAM_SHARED_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None

@@ -145,7 +145,7 @@ class TransformerLM(CausalLM):
         self.implementation = f"transformer-{attention}"
         super().__init__(config)
 
-    def _build_block(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+    def _build_block(self, config: ModelConfig) -> nn.Module:
         return TransformerBlock(config, n_head=self.n_head, attention=self.attention)
 
 
@@ -396,7 +396,7 @@ class MambaLM(CausalLM):
         if device is not None:
             self.to(device)
 
-    def _build_block(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+    def _build_block(self, config: ModelConfig) -> nn.Module:
         mixer, name = build_mamba_mixer(
             config.N_EMBED, self.d_state, self.d_conv, self.expand, impl=self.impl, device=self._device
         )

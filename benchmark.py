@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -270,8 +269,7 @@ def build_model(cfg: dict, model_name: str, vocab_size: int, device: torch.devic
 
 
 def rng_state(train_loader) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "loader": train_loader.generator.get_state()}
+    state = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -279,7 +277,6 @@ def rng_state(train_loader) -> dict:
 
 def set_rng_state(state: dict, train_loader) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
     train_loader.generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -353,7 +350,6 @@ def run_one(cfg, dataset, model_name, loaders, info, device, logger) -> dict:
     train_loader, val_loader = loaders
     ckpt_path = Path(cfg["out_dir"]) / "checkpoints" / f"{run_name(cfg, dataset, model_name)}.pt"
     torch.manual_seed(cfg["seed"])  # the same init for a model whatever ran before it
-    random.seed(cfg["seed"])
     train_loader.generator.manual_seed(cfg["seed"])
     model, mc = build_model(cfg, model_name, info["vocab_size"], device, cfg["mamba_impl"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
@@ -382,6 +378,7 @@ def run_one(cfg, dataset, model_name, loaders, info, device, logger) -> dict:
     try:
         for epoch in range(len(record["epochs"]), cfg["epochs"]):
             desc = f"{dataset}/{model_name} epoch {epoch + 1}/{cfg['epochs']}"
+            train_loader.sampler.set_epoch(epoch)  # this epoch's order: a function of (seed, epoch)
             train_loss, seconds, tokens = train_epoch(model, train_loader, optimizer, scheduler, cfg, device,
                                                       desc, run.log)
             val_loss, val_by_position = evaluate(model, val_loader, device)

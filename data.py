@@ -32,7 +32,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import datasets
 from datasets import DatasetDict
@@ -520,10 +520,11 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader, Tokenizer, dict]:
     """Text -> tokenizer -> blocks -> (train_loader, val_loader, tokenizer, info).
 
-    The train loader shuffles with ``train_loader.generator`` (a ``torch.Generator`` seeded
-    with ``seed``). Every ``iter(train_loader)`` draws from it (a worker base seed, then the
-    epoch's permutation), so saving ``generator.get_state()`` before an epoch's ``iter`` and
-    restoring it reproduces that epoch's order exactly. Validation is unshuffled; both keep
+    The train order is a function of ``(seed, epoch)`` only: the sampler is a
+    ``DistributedSampler`` (one replica here; under torchrun it gets the rank and world
+    size) and the caller calls ``train_loader.sampler.set_epoch(epoch)`` before each
+    epoch. So the worker count never changes the numbers, and a resumed run needs only
+    the epoch index. Validation is unshuffled; both keep
     the last partial batch (``drop_last=False``) like the reference code.
     """
     splits = load_text_splits(source, data_dir=data_dir, max_train_rows=max_train_rows,
@@ -540,10 +541,13 @@ def build_loaders(
                 f"{block_size + 1}; use more {name} data or a smaller block size"
             )
 
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    train_loader = DataLoader(blocks["train"], batch_size=batch_size, shuffle=True,
-                              generator=generator, drop_last=False, num_workers=num_workers)
+    sampler = DistributedSampler(blocks["train"], num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                 drop_last=False)
+    # Its own generator: DataLoader draws a worker base seed at every iter(), which must
+    # not consume the global RNG that dropout uses.
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(blocks["train"], batch_size=batch_size, sampler=sampler, generator=generator,
+                              drop_last=False, num_workers=num_workers)
     val_loader = DataLoader(blocks["validation"], batch_size=batch_size, shuffle=False,
                             drop_last=False, num_workers=num_workers)
     info = {

@@ -146,7 +146,7 @@ class CausalLM(nn.Module):
 
     token embedding + learned absolute position embedding -> dropout -> blocks
     -> final LayerNorm -> bias-free head tied to the token embedding.
-    Subclasses implement ``_build_block(config, layer_idx)``.
+    Subclasses implement ``_build_block(config)``.
     """
 
     def __init__(self, config: ModelConfig):
@@ -156,13 +156,13 @@ class CausalLM(nn.Module):
         self.token_embedding = nn.Embedding(config.VOCAB_SIZE, C)
         self.pos_embedding = nn.Embedding(config.BLOCK_SIZE, C)
         self.dropout = nn.Dropout(config.DROPOUT)
-        self.blocks = nn.ModuleList([self._build_block(config, i) for i in range(config.N_LAYER)])
+        self.blocks = nn.ModuleList([self._build_block(config) for _ in range(config.N_LAYER)])
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.VOCAB_SIZE, bias=False)
         # Tied as in the reference: the shared tensor keeps the head's (Linear) init.
         self.token_embedding.weight = self.head.weight
 
-    def _build_block(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+    def _build_block(self, config: ModelConfig) -> nn.Module:
         raise NotImplementedError
 
     def num_params(self) -> int:
@@ -260,7 +260,7 @@ class GAM_Model(CausalLM):
     >>> logits, loss = model(idx, targets=idx)   # idx: (B, T) long, T <= 256
     """
 
-    def _build_block(self, config: ModelConfig, layer_idx: int) -> nn.Module:
+    def _build_block(self, config: ModelConfig) -> nn.Module:
         return GAMBlock(config)
 
     @property

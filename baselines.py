@@ -17,10 +17,9 @@ so the paper's timings) do; ``"sdpa"`` calls ``F.scaled_dot_product_attention``
 (fused, O(T) memory on GPU).
 
 The Mamba mixer is the official ``mamba_ssm.Mamba`` when it is installed and the
-model lives on CUDA; otherwise a pure-PyTorch mixer built on
-``transformers``' ``MambaMixer`` (same parameter names, shapes and
-initialisation as ``mamba_ssm.Mamba``, so state dicts move between the two)
-whose selective scan is the parallel (Blelloch) scan of ``mambapy``.
+model lives on CUDA; otherwise ``TorchMamba``, a plain PyTorch module in the layout of
+mamba_ssm's ``mamba_simple.py`` (same parameter names, shapes and initialisation, so
+state dicts move between the two) whose selective scan is ``mambapy``'s parallel scan.
 
 Parameter counts at ``ModelConfig()`` (the paper's config), exact:
 Transformer 24,166,400; Mamba (reference stacking) 20,504,576.
@@ -28,7 +27,6 @@ Transformer 24,166,400; Mamba (reference stacking) 20,504,576.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -36,6 +34,16 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, feed_forward
+
+try:  # the official fused kernels; CUDA-only to install, and a broken CUDA build can fail at import
+    from mamba_ssm import Mamba
+except Exception:
+    Mamba = None
+
+try:  # mambapy's parallel (Blelloch) scan, pure PyTorch: the scan of TorchMamba
+    from mambapy.pscan import pscan
+except ImportError:
+    pscan = None
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -45,6 +53,7 @@ __all__ = [
     "CausalSelfAttention",
     "TransformerBlock",
     "TransformerLM",
+    "TorchMamba",
     "MambaResidualBlock",
     "MambaLM",
     "build_mamba_mixer",
@@ -53,7 +62,7 @@ __all__ = [
 ]
 
 ATTENTION_IMPLS = ("naive", "sdpa")
-MAMBA_IMPLS = ("auto", "mamba_ssm", "hf")
+MAMBA_IMPLS = ("auto", "mamba_ssm", "torch")
 MODEL_NAMES = ("gam", "transformer", "mamba")
 BLOCK_NAMES = ("gam", "transformer", "transformer-sdpa", "mamba")
 
@@ -153,141 +162,69 @@ class TransformerLM(CausalLM):
 # Mamba
 # ----------------------------------------------------------------------------------------
 
-def _import_mamba_ssm():
-    """``mamba_ssm.Mamba``, or None where it is not installed (it needs CUDA to install).
-
-    Imported lazily so that this module, and everything but the CUDA Mamba, works without it.
-    """
-    try:
-        from mamba_ssm import Mamba
-    except Exception:  # ImportError, or a broken CUDA build failing at import time
-        return None
-    return Mamba
-
-
-def _import_pscan():
-    """mambapy's parallel scan, or None (then the fallback scans sequentially: slow)."""
-    try:
-        from mambapy.pscan import pscan
-    except ImportError:
-        return None
-    return pscan
-
-
-def _sequential_scan(deltaA: torch.Tensor, deltaBx: torch.Tensor) -> torch.Tensor:
-    """h_t = deltaA_t * h_{t-1} + deltaBx_t with h_{-1} = 0; (B, L, D, N) -> (B, L, D, N)."""
-    h = torch.zeros_like(deltaBx[:, 0])                                        # (B, D, N)
-    hs = []
-    for t in range(deltaBx.shape[1]):
-        h = deltaA[:, t] * h + deltaBx[:, t]
-        hs.append(h)
-    return torch.stack(hs, dim=1)                                              # (B, L, D, N)
-
-
-@functools.lru_cache(maxsize=None)
-def _mamba_mixer_fallback_class() -> type:
-    """Build (once) the pure-PyTorch mixer class on top of transformers' ``MambaMixer``.
-
-    transformers is imported here, not at module level: only this path needs it.
-    """
-    from transformers.models.mamba.modeling_mamba import MambaMixer
-
-    class MambaMixerFallback(MambaMixer):
-        """Pure-PyTorch Mamba mixer, a drop-in for ``mamba_ssm.Mamba``: (B, T, C) -> (B, T, C).
-
-        Parameters (names, shapes, order, initialisation) are those of ``mamba_ssm.Mamba``:
-        in_proj (no bias), conv1d (bias), x_proj, dt_proj, A_log, D, out_proj (no bias).
-
-        ``forward`` is our own rather than ``MambaMixer.forward``: the latter routes through
-        functions that transformers swaps for mamba_ssm's CUDA kernels whenever mamba_ssm is
-        importable (so this "fallback" would then not be pure PyTorch, and would fail on CPU
-        tensors), it casts the scan to float32, and it needs cache plumbing we do not use.
-        The scan is mambapy's parallel scan in training and eval mode alike.
-        """
-
-        def __init__(self, config, layer_idx: int = 0):
-            super().__init__(config, layer_idx)
-            # mamba_ssm's registration order, so named_parameters()/state_dict() list the
-            # same keys in the same order as mamba_ssm.Mamba.
-            for name in ("in_proj", "conv1d", "act", "x_proj", "dt_proj", "out_proj"):
-                if name in self._modules:
-                    self._modules[name] = self._modules.pop(name)
-            self._pscan = _import_pscan() if config.use_mambapy else None
-            self.scan_impl = "mambapy" if self._pscan is not None else "sequential"
-            self.reset_mamba_parameters(
-                dt_min=config.time_step_min,
-                dt_max=config.time_step_max,
-                dt_init_floor=config.time_step_floor,
-                dt_scale=config.time_step_scale,
-            )
-
-        @torch.no_grad()
-        def reset_mamba_parameters(self, dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4, dt_scale=1.0):
-            """mamba_ssm.Mamba's initialisation of dt_proj, A_log and D (the rest: PyTorch defaults).
-
-            Done here rather than trusting transformers' init, which moved between versions.
-            """
-            D_inner, N, R = self.intermediate_size, self.ssm_state_size, self.time_step_rank
-            dt_init_std = R ** -0.5 * dt_scale
-            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
-            # softplus(dt_proj.bias) log-uniform in [dt_min, dt_max], floored.
-            dt = torch.exp(
-                torch.rand(D_inner, device=self.dt_proj.bias.device)
-                * (math.log(dt_max) - math.log(dt_min))
-                + math.log(dt_min)
-            ).clamp(min=dt_init_floor)
-            inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
-            self.dt_proj.bias.copy_(inv_dt)
-            A = torch.arange(1, N + 1, dtype=torch.float32, device=self.A_log.device)
-            self.A_log.copy_(torch.log(A).expand(D_inner, N))  # S4D-real: A = -(1..N)
-            self.D.fill_(1.0)
-            # The same markers as mamba_ssm (used by optimizers/init schemes that honour them).
-            self.dt_proj.bias._no_reinit = True
-            self.A_log._no_weight_decay = True
-            self.D._no_weight_decay = True
-
-        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-            """hidden_states: (B, L, C) -> (B, L, C)."""
-            L = hidden_states.shape[1]
-            N, R = self.ssm_state_size, self.time_step_rank
-            x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                # 2 x (B, L, D)
-            # Depthwise conv padded by d_conv-1 on both sides; the first L outputs are causal.
-            x = self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2)        # (B, L, D)
-            x = F.silu(x)
-            dt, Bm, Cm = torch.split(self.x_proj(x), [R, N, N], dim=-1)        # (B,L,R),(B,L,N),(B,L,N)
-            dt = F.softplus(self.dt_proj(dt))                                  # (B, L, D), bias inside
-            # Scan in at least float32 (as mamba_ssm's kernels do), also under fp16 autocast.
-            sdt = torch.promote_types(x.dtype, torch.float32)
-            dt, Bm, Cm, xs = dt.to(sdt), Bm.to(sdt), Cm.to(sdt), x.to(sdt)
-            A = -torch.exp(self.A_log.to(sdt))                                 # (D, N)
-            deltaA = torch.exp(dt.unsqueeze(-1) * A)                           # (B, L, D, N)
-            deltaBx = (dt * xs).unsqueeze(-1) * Bm.unsqueeze(2)                # (B, L, D, N)
-            if self._pscan is not None:
-                hs = self._pscan(deltaA, deltaBx)                              # (B, L, D, N)
-            else:
-                hs = _sequential_scan(deltaA, deltaBx)                         # (B, L, D, N)
-            y = (hs @ Cm.unsqueeze(-1)).squeeze(-1)                            # (B, L, D): C_t . h_t
-            y = y + self.D.to(sdt) * xs                                        # skip connection
-            y = y.to(x.dtype) * F.silu(z)                                      # gate
-            return self.out_proj(y)                                            # (B, L, C)
-
-    MambaMixerFallback.__module__ = __name__
-    MambaMixerFallback.__qualname__ = "MambaMixerFallback"
-    return MambaMixerFallback
-
-
-def __getattr__(name: str):
-    # PEP 562: ``baselines.MambaMixerFallback`` resolves lazily (it imports transformers),
-    # which also lets pickle find the class.
-    if name == "MambaMixerFallback":
-        return _mamba_mixer_fallback_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.empty(0).device  # the current default device
     return torch.device(device)
+
+
+# Not transformers' MambaMixer: (5.24) it calls mamba_ssm's CUDA kernels whenever they import, even on CPU tensors.
+class TorchMamba(nn.Module):
+    """The Mamba mixer in plain PyTorch, a drop-in for ``mamba_ssm.Mamba``: (B, L, C) -> (B, L, C).
+
+    The layout of mamba_ssm's ``mamba_simple.py`` (parameters in_proj, conv1d, x_proj,
+    dt_proj, A_log, D, out_proj: same names, shapes, state_dict order and initialisation,
+    so state dicts move between the two), d_inner = expand * d_model, dt_rank =
+    ceil(d_model / 16), no in/out-proj bias, conv bias on. The selective scan is mambapy's
+    parallel (Blelloch) scan, in training and eval mode alike, in at least float32.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, device=None):
+        super().__init__()
+        if pscan is None:
+            raise ImportError("the pure-PyTorch Mamba mixer needs mambapy's parallel scan: pip install mambapy")
+        D, R = expand * d_model, math.ceil(d_model / 16)
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner, self.dt_rank = D, R
+        self.in_proj = nn.Linear(d_model, 2 * D, bias=False, device=device)
+        # Padded d_conv - 1 on both sides: the first L outputs are the causal convolution.
+        self.conv1d = nn.Conv1d(D, D, d_conv, groups=D, padding=d_conv - 1, bias=True, device=device)
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(D, R + 2 * d_state, bias=False, device=device)
+        self.dt_proj = nn.Linear(R, D, bias=True, device=device)
+        # mamba_ssm.Mamba's initialisation (PyTorch defaults elsewhere), so that both
+        # implementations start from the same distribution: dt_proj.weight ~ U(+-R^-0.5);
+        # softplus(dt_proj.bias) log-uniform in [1e-3, 1e-1], floored at 1e-4; S4D-real
+        # A = -(1..N) per channel; D = 1.
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+            log_lo, log_hi = math.log(1e-3), math.log(1e-1)
+            dt = torch.exp(torch.rand(D, device=device) * (log_hi - log_lo) + log_lo).clamp(min=1e-4)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(D, 1)
+        self.A_log = nn.Parameter(torch.log(A))                                # (D, N)
+        self.D = nn.Parameter(torch.ones(D, device=device))                    # (D,)
+        self.out_proj = nn.Linear(D, d_model, bias=False, device=device)
+        # mamba_ssm's markers, for optimisers and init schemes that honour them.
+        self.dt_proj.bias._no_reinit = True
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
+        L, N, R = hidden_states.shape[1], self.d_state, self.dt_rank
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                    # 2 x (B, L, D)
+        x = self.act(self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2))  # (B, L, D)
+        dt, B, C = torch.split(self.x_proj(x), [R, N, N], dim=-1)              # (B,L,R), (B,L,N), (B,L,N)
+        dt = F.softplus(self.dt_proj(dt))                                      # (B, L, D)
+        # The scan in at least float32, as mamba_ssm's kernels, also under fp16/bf16 autocast.
+        f = torch.promote_types(x.dtype, torch.float32)
+        dt, B, C, u = dt.to(f), B.to(f), C.to(f), x.to(f)
+        A = -torch.exp(self.A_log.to(f))                                       # (D, N)
+        h = pscan(torch.exp(dt.unsqueeze(-1) * A),                             # h_t = exp(dt_t A) h_{t-1}
+                  (dt * u).unsqueeze(-1) * B.unsqueeze(2))                     #       + dt_t B_t u_t: (B, L, D, N)
+        y = (h @ C.unsqueeze(-1)).squeeze(-1) + self.D.to(f) * u               # C_t . h_t + D u_t: (B, L, D)
+        return self.out_proj(y.to(x.dtype) * self.act(z))                      # (B, L, d_model)
 
 
 def build_mamba_mixer(
@@ -300,13 +237,11 @@ def build_mamba_mixer(
 ) -> tuple[nn.Module, str]:
     """One Mamba mixer (B, T, d_model) -> (B, T, d_model), placed on ``device``.
 
-    impl: ``"mamba_ssm"`` (official CUDA kernels; CUDA only), ``"hf"`` (pure PyTorch,
-    transformers' MambaMixer parameters + mambapy parallel scan) or ``"auto"``
-    (mamba_ssm if importable and ``device`` is CUDA, else hf).
-    dt_rank = ceil(d_model / 16); no in/out-proj bias; conv bias on (mamba_ssm defaults).
-
-    Returns ``(mixer, implementation_name)``, the name being ``"mamba_ssm"``,
-    ``"mamba-hf-mambapy"`` or (mambapy missing) ``"mamba-hf-sequential"``.
+    The one place that chooses the implementation. impl: ``"mamba_ssm"`` (the official
+    CUDA kernels; CUDA only), ``"torch"`` (``TorchMamba``, on any device, CUDA included:
+    it never calls mamba_ssm's kernels) or ``"auto"`` (mamba_ssm if it imports and
+    ``device`` is CUDA, else torch). Returns ``(mixer, implementation_name)``, the name
+    being ``"mamba_ssm"`` or ``"mamba-torch-pscan"``.
     """
     for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -314,39 +249,16 @@ def build_mamba_mixer(
     if impl not in MAMBA_IMPLS:
         raise ValueError(f"mamba impl must be one of {MAMBA_IMPLS}, got {impl!r}")
     dev = _resolve_device(device)
-    Mamba = _import_mamba_ssm() if impl in ("auto", "mamba_ssm") else None
-    if impl == "mamba_ssm":
-        if Mamba is None:
-            raise ImportError(
-                "impl='mamba_ssm' needs the mamba-ssm package (CUDA only): "
-                "pip install mamba-ssm causal-conv1d --no-build-isolation; or use impl='hf'"
-            )
-        if dev.type != "cuda":
-            raise ValueError(f"impl='mamba_ssm' runs on CUDA only, got device {str(dev)!r}; use impl='hf'")
-    if Mamba is not None and dev.type == "cuda":
-        mixer = Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev)
-        return mixer, "mamba_ssm"
-
-    from transformers import MambaConfig
-
-    hf_config = MambaConfig(
-        hidden_size=d_model,
-        state_size=d_state,
-        conv_kernel=d_conv,
-        expand=expand,
-        time_step_rank=math.ceil(d_model / 16),
-        use_bias=False,
-        use_conv_bias=True,
-        hidden_act="silu",
-        use_mambapy=True,
-        time_step_min=1e-3,
-        time_step_max=1e-1,
-        time_step_floor=1e-4,
-        time_step_scale=1.0,
-        num_hidden_layers=1,
-    )
-    mixer = _mamba_mixer_fallback_class()(hf_config, layer_idx=0).to(dev)
-    return mixer, f"mamba-hf-{mixer.scan_impl}"
+    if impl == "mamba_ssm" and Mamba is None:
+        raise ImportError(
+            "impl='mamba_ssm' needs the mamba-ssm package (CUDA only): "
+            "pip install mamba-ssm causal-conv1d --no-build-isolation; or use impl='torch'"
+        )
+    if impl == "mamba_ssm" and dev.type != "cuda":
+        raise ValueError(f"impl='mamba_ssm' runs on CUDA only, got device {str(dev)!r}; use impl='torch'")
+    if impl != "torch" and Mamba is not None and dev.type == "cuda":
+        return Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev), "mamba_ssm"
+    return TorchMamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev), "mamba-torch-pscan"
 
 
 class MambaResidualBlock(nn.Module):
@@ -428,7 +340,7 @@ def build_lm(
     ``mamba_residual``, ``mamba_impl``). Options of the other families are ignored, so one
     call site can build all three. The returned model has an ``implementation`` attribute:
     ``"gam"``, ``"transformer-naive"``, ``"transformer-sdpa"``, ``"mamba_ssm"``,
-    ``"mamba-hf-mambapy"``, ...
+    ``"mamba-torch-pscan"``.
     """
     if name == "gam":
         model = GAM_Model(config)

@@ -1,33 +1,32 @@
 """Tests of baselines.py: the Transformer and Mamba baselines and the factories.
 
 CPU only and small, except the exact parameter counts (which only construct the paper's
-models). Cases that need CUDA and mamba_ssm are skipped elsewhere.
+models). The cases that need CUDA and mamba_ssm (at the end) skip elsewhere; mamba_ssm's
+selection logic is tested everywhere with stand-ins.
 """
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-import baselines  # noqa: E402
-from baselines import (  # noqa: E402
+import baselines
+from baselines import (
     CausalSelfAttention,
     MambaLM,
+    TorchMamba,
     TransformerBlock,
     TransformerLM,
     build_block,
     build_lm,
     build_mamba_mixer,
 )
-from gam_model import GAMBlock, GAM_Model, ModelConfig  # noqa: E402
+from gam_model import GAMBlock, GAM_Model, ModelConfig
 
 HAS_CUDA = torch.cuda.is_available()
-HAS_MAMBA_SSM = baselines._import_mamba_ssm() is not None
+HAS_MAMBA_SSM = baselines.Mamba is not None
 
 # The keys (and registration order) of mamba_ssm.Mamba's state_dict.
 MAMBA_SSM_KEYS = ["A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias",
@@ -64,7 +63,7 @@ def test_transformer_param_count_exact():
     pytest.param(True, 20_504_576 + 6 * 2 * 512, id="residual"),
 ])
 def test_mamba_param_count_exact(residual, expected):
-    model = build_lm("mamba", ModelConfig(), mamba_residual=residual, mamba_impl="hf")
+    model = build_lm("mamba", ModelConfig(), mamba_residual=residual, mamba_impl="torch")
     assert model.num_params() == expected
     # Per mixer, as mamba_ssm.Mamba(512, d_state=16, d_conv=4, expand=3) by hand.
     per_mixer = sum(math.prod(s) for s in mamba_ssm_shapes(512).values())
@@ -232,8 +231,8 @@ def reference_mamba(mixer, x):
 
 def tiny_mixer(seed=0):
     torch.manual_seed(seed)
-    mixer, impl = build_mamba_mixer(16, d_state=4, d_conv=4, expand=2, impl="hf")
-    assert impl == "mamba-hf-mambapy"
+    mixer, impl = build_mamba_mixer(16, d_state=4, d_conv=4, expand=2, impl="torch")
+    assert impl == "mamba-torch-pscan" and type(mixer) is TorchMamba
     # Move every parameter away from its init so that each term matters (at init dt is
     # small and the state barely moves), keeping dt = softplus(.) of order 1.
     with torch.no_grad():
@@ -243,13 +242,17 @@ def tiny_mixer(seed=0):
     return mixer
 
 
-@pytest.mark.parametrize("dtype, T, tol", [
-    pytest.param(torch.float64, 12, 1e-10, id="float64-T12-padded-scan"),
-    pytest.param(torch.float64, 16, 1e-10, id="float64-T16"),
-    pytest.param(torch.float32, 12, 1e-5, id="float32-T12"),
+@pytest.mark.parametrize("dtype, T, mode, tol", [
+    pytest.param(torch.float64, 1, "train", 1e-10, id="float64-T1"),
+    pytest.param(torch.float64, 15, "train", 1e-10, id="float64-T15-padded-scan"),
+    pytest.param(torch.float64, 63, "eval", 1e-10, id="float64-T63-eval"),
+    pytest.param(torch.float64, 300, "train", 1e-10, id="float64-T300"),
+    pytest.param(torch.float32, 15, "train", 1e-5, id="float32-T15"),
+    pytest.param(torch.float32, 300, "eval", 1e-5, id="float32-T300-eval"),
 ])
-def test_mamba_fallback_matches_sequential_reference(dtype, T, tol):
-    mixer = tiny_mixer().train()  # training mode: the path used to train
+def test_torch_mamba_matches_sequential_reference(dtype, T, mode, tol):
+    """Outputs and all gradients against the equations with explicit loops, in float64."""
+    mixer = tiny_mixer().train(mode == "train")
     ref = tiny_mixer()
     ref.load_state_dict(mixer.state_dict())
     mixer, ref = mixer.to(dtype), ref.double()
@@ -274,46 +277,38 @@ def test_mamba_fallback_matches_sequential_reference(dtype, T, tol):
         torch.testing.assert_close(p.grad.double(), ref_params[name].grad, atol=10 * tol, rtol=10 * tol, msg=name)
 
 
-def test_mamba_parallel_scan_runs_and_equals_sequential_fallback(monkeypatch):
-    import mambapy.pscan
-
+def test_torch_mamba_scans_with_mambapy_in_float32(monkeypatch):
+    """mambapy's parallel scan runs in training and eval mode, in float32 under bf16 autocast."""
     calls = []
-    real = mambapy.pscan.pscan
+    real = baselines.pscan
 
-    def counting(*args):
-        calls.append(args[0].shape)
-        return real(*args)
+    def recording(deltaA, deltaBx):
+        calls.append((tuple(deltaA.shape), deltaA.dtype, deltaBx.dtype))
+        return real(deltaA, deltaBx)
 
-    monkeypatch.setattr(mambapy.pscan, "pscan", counting)
-    mixer = tiny_mixer().train()
-    x = torch.randn(2, 10, 16, requires_grad=True)
-    y = mixer(x)
-    y.sum().backward()
-    assert calls == [(2, 10, 32, 4)]  # the parallel scan ran, once, on (B, L, D, N)
-
-    # Without mambapy the same module scans sequentially, with the same result.
-    monkeypatch.setattr(baselines, "_import_pscan", lambda: None)
-    seq, impl = build_mamba_mixer(16, d_state=4, d_conv=4, expand=2, impl="hf")
-    assert impl == "mamba-hf-sequential"
-    seq.load_state_dict(mixer.state_dict())
-    torch.testing.assert_close(seq(x), y, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.skipif(HAS_MAMBA_SSM, reason="transformers' MambaMixer.forward then calls mamba_ssm's kernels")
-def test_mamba_fallback_matches_transformers_forward():
-    """Our forward against transformers' own MambaMixer.forward (its pure-PyTorch path)."""
-    from transformers.models.mamba.modeling_mamba import MambaMixer
-
-    mixer = tiny_mixer().eval()
-    x = torch.randn(2, 13, 16)
+    monkeypatch.setattr(baselines, "pscan", recording)
+    mixer = tiny_mixer()
+    x = torch.randn(2, 10, 16)
+    mixer.train()(x).sum().backward()
     with torch.no_grad():
-        torch.testing.assert_close(mixer(x), MambaMixer.forward(mixer, x), atol=1e-5, rtol=1e-5)
+        y_eval = mixer.eval()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_bf16 = mixer(x)
+    assert calls == [((2, 10, 32, 4), torch.float32, torch.float32)] * 3
+    assert y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y_bf16.float(), y_eval, atol=0.05, rtol=0.05)  # bf16 in the projections only
+
+
+def test_torch_mamba_needs_mambapy(monkeypatch):
+    monkeypatch.setattr(baselines, "pscan", None)
+    with pytest.raises(ImportError, match="mambapy"):
+        build_mamba_mixer(16, impl="torch")
 
 
 def test_mamba_init_follows_mamba_ssm():
     torch.manual_seed(4)
     d_model, d_state, expand = 64, 16, 3
-    mixer, _ = build_mamba_mixer(d_model, d_state=d_state, d_conv=4, expand=expand, impl="hf")
+    mixer, _ = build_mamba_mixer(d_model, d_state=d_state, d_conv=4, expand=expand, impl="torch")
     D, R = expand * d_model, math.ceil(d_model / 16)
     expected_A_log = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).expand(D, d_state)
     torch.testing.assert_close(mixer.A_log.detach(), expected_A_log, atol=0, rtol=0)
@@ -327,7 +322,7 @@ def test_mamba_init_follows_mamba_ssm():
     assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
     assert mixer.in_proj.bias is None and mixer.out_proj.bias is None
     assert mixer.conv1d.bias is not None and mixer.dt_proj.bias is not None
-    assert mixer.A_log._no_weight_decay and mixer.D._no_weight_decay
+    assert mixer.A_log._no_weight_decay and mixer.D._no_weight_decay and mixer.dt_proj.bias._no_reinit
 
 
 @pytest.mark.parametrize("residual, prefix", [
@@ -337,7 +332,7 @@ def test_mamba_init_follows_mamba_ssm():
 def test_mamba_state_dict_keys_match_mamba_ssm(residual, prefix):
     cfg = tiny_config(N_EMBED=32)
     model = MambaLM(cfg, residual=residual)
-    assert model.implementation == "mamba-hf-mambapy"
+    assert model.implementation == "mamba-torch-pscan"
     sd = model.state_dict()
     shapes = mamba_ssm_shapes(32)
     for i in range(cfg.N_LAYER):
@@ -356,7 +351,7 @@ def test_mamba_stacking():
     res = MambaLM(tiny_config(N_LAYER=1), residual=True).eval()
     x = torch.randn(2, 6, 32)
     mixer = plain.blocks[0]
-    assert isinstance(mixer, baselines.MambaMixerFallback)
+    assert type(mixer) is TorchMamba
     res.blocks[0].mixer.load_state_dict(mixer.state_dict())
     with torch.no_grad():
         res.blocks[0].norm.weight.fill_(2.0)
@@ -373,8 +368,8 @@ def test_mamba_stacking():
     pytest.param("gam", {}, GAM_Model, "gam", id="gam"),
     pytest.param("transformer", {}, TransformerLM, "transformer-naive", id="transformer-naive"),
     pytest.param("transformer", {"attention": "sdpa"}, TransformerLM, "transformer-sdpa", id="transformer-sdpa"),
-    pytest.param("mamba", {}, MambaLM, "mamba-hf-mambapy", id="mamba-cpu-auto"),
-    pytest.param("mamba", {"mamba_impl": "hf", "device": "cpu"}, MambaLM, "mamba-hf-mambapy", id="mamba-hf"),
+    pytest.param("mamba", {}, MambaLM, "mamba-torch-pscan", id="mamba-cpu-auto"),
+    pytest.param("mamba", {"mamba_impl": "torch", "device": "cpu"}, MambaLM, "mamba-torch-pscan", id="mamba-torch"),
 ])
 def test_build_lm(name, kwargs, cls, implementation):
     torch.manual_seed(6)
@@ -408,48 +403,49 @@ def test_build_lm_errors():
         build_lm("mamba", tiny_config(), mamba_impl="cuda")
 
 
-@pytest.mark.skipif(HAS_MAMBA_SSM, reason="checks the error raised when mamba_ssm is missing")
-def test_mamba_ssm_requested_but_missing():
+def test_mamba_ssm_requested_but_missing(monkeypatch):
+    monkeypatch.setattr(baselines, "Mamba", None)
     with pytest.raises(ImportError, match="mamba-ssm"):
         build_mamba_mixer(32, impl="mamba_ssm", device="cuda")
 
 
-def test_auto_selection_with_a_stand_in_mamba_ssm(monkeypatch):
-    """'auto' takes mamba_ssm only when it is importable AND the device is CUDA."""
+def test_mamba_selection_with_stand_ins(monkeypatch):
+    """'auto' takes mamba_ssm only when it imports AND the device is CUDA; 'torch' never does."""
     made = []
 
-    class FakeMamba(nn.Module):
-        def __init__(self, **kwargs):
-            super().__init__()
-            made.append(kwargs)
+    def stand_in(name):
+        class StandIn(nn.Module):
+            def __init__(self, *args, **kwargs):
+                super().__init__()
+                made.append((name, args, kwargs))
+        return StandIn
 
-    monkeypatch.setattr(baselines, "_import_mamba_ssm", lambda: FakeMamba)
+    monkeypatch.setattr(baselines, "Mamba", stand_in("mamba_ssm"))
     mixer, impl = build_mamba_mixer(32, impl="auto", device="cpu")
-    assert impl == "mamba-hf-mambapy" and not made
+    assert impl == "mamba-torch-pscan" and type(mixer) is TorchMamba and not made
     mixer, impl = build_mamba_mixer(32, impl="auto", device="cuda")
-    assert impl == "mamba_ssm" and isinstance(mixer, FakeMamba)
-    assert made == [dict(d_model=32, d_state=16, d_conv=4, expand=3, device=torch.device("cuda"))]
+    assert impl == "mamba_ssm" and type(mixer) is baselines.Mamba
+    assert made == [("mamba_ssm", (), dict(d_model=32, d_state=16, d_conv=4, expand=3, device=torch.device("cuda")))]
     with pytest.raises(ValueError, match="CUDA"):
         build_mamba_mixer(32, impl="mamba_ssm", device="cpu")
-    # An explicit "hf" is honoured even on CUDA.
-    monkeypatch.setattr(baselines, "_import_mamba_ssm", lambda: pytest.fail("hf must not import mamba_ssm"))
-    model = MambaLM(tiny_config(N_LAYER=1), impl="hf")
-    assert model.implementation == "mamba-hf-mambapy"
+    # An explicit "torch" is honoured on CUDA too (a stand-in: this machine may have no GPU).
+    made.clear()
+    monkeypatch.setattr(baselines, "TorchMamba", stand_in("torch"))
+    mixer, impl = build_mamba_mixer(32, impl="torch", device="cuda")
+    assert impl == "mamba-torch-pscan" and [m[0] for m in made] == ["torch"]
 
 
 @pytest.mark.parametrize("name, implementation, cls", [
     pytest.param("gam", "gam", GAMBlock, id="gam"),
     pytest.param("transformer", "transformer-naive", TransformerBlock, id="transformer"),
     pytest.param("transformer-sdpa", "transformer-sdpa", TransformerBlock, id="transformer-sdpa"),
-    pytest.param("mamba", "mamba-hf-mambapy", None, id="mamba"),
+    pytest.param("mamba", "mamba-torch-pscan", TorchMamba, id="mamba"),
 ])
 def test_build_block(name, implementation, cls):
     block, impl = build_block(name, d_model=32, n_head=4, block_size=8)
     assert impl == implementation
-    if cls is not None:
-        assert type(block) is cls
-    else:
-        assert isinstance(block, baselines.MambaMixerFallback)
+    assert type(block) is cls
+    if name == "mamba":
         assert sum(p.numel() for p in block.parameters()) == sum(
             math.prod(s) for s in mamba_ssm_shapes(32).values())
     x = torch.randn(2, 17, 32, requires_grad=True)
@@ -479,8 +475,8 @@ def test_mamba_ssm_matches_fallback_on_cuda():
     torch.manual_seed(7)
     official, impl = build_mamba_mixer(64, d_state=16, d_conv=4, expand=3, impl="mamba_ssm", device="cuda")
     assert impl == "mamba_ssm"
-    fallback, impl = build_mamba_mixer(64, d_state=16, d_conv=4, expand=3, impl="hf", device="cuda")
-    assert impl == "mamba-hf-mambapy"
+    fallback, impl = build_mamba_mixer(64, d_state=16, d_conv=4, expand=3, impl="torch", device="cuda")
+    assert impl == "mamba-torch-pscan"
     assert list(fallback.state_dict()) == list(official.state_dict())
     fallback.load_state_dict(official.state_dict(), strict=True)
     x = torch.randn(2, 100, 64, device="cuda")
@@ -509,7 +505,7 @@ def test_mamba_ssm_matches_fallback_on_cuda():
 def test_build_lm_picks_mamba_ssm_on_cuda():
     model = build_lm("mamba", tiny_config(), device="cuda")
     assert model.implementation == "mamba_ssm"
-    assert list(model.state_dict()) == list(build_lm("mamba", tiny_config(), mamba_impl="hf").state_dict())
+    assert list(model.state_dict()) == list(build_lm("mamba", tiny_config(), mamba_impl="torch").state_dict())
     idx = torch.randint(0, 61, (2, 10), device="cuda")
     _, loss = model(idx, targets=idx)
     assert torch.isfinite(loss)

@@ -1,18 +1,23 @@
 """Data pipeline for the GAM reproduction: text splits, BPE tokenizer, 257-token blocks.
 
 What the paper / reference ``benchmark.py`` do (SPEC section 3), and how this module
-reproduces it:
+reproduces it, in the order the code below follows:
 
-* Text comes from the Hugging Face Hub (``Salesforce/wikitext`` ``wikitext-2-raw-v1`` or
-  ``roneneldan/TinyStories``), capped at 50,000 train / 5,000 validation rows with
-  ``select(range(min(cap, len)))``. The same splits can be read from local files
-  (``data_dir``) or generated in code (``"synthetic"``, for smoke tests without a network).
-* A BPE tokenizer (``tokenizers``; Whitespace pre-tokenizer; ``[UNK] [PAD] [SOS] [EOS]``)
-  is trained per dataset. The paper says "on the training corpus"; the reference code
-  trains it on every split, which leaks validation text into the vocabulary. We default
-  to the paper (train only); ``train_on="all"`` reproduces the code.
-* All token ids of a split are concatenated (no separators, no special tokens) and cut
-  into non-overlapping chunks of ``block_size + 1``; the remainder is dropped.
+1. Text splits (:func:`load_text_splits`) come from the Hugging Face Hub
+   (``Salesforce/wikitext`` ``wikitext-2-raw-v1`` or ``roneneldan/TinyStories``), capped at
+   50,000 train / 5,000 validation rows with ``select(range(min(cap, len)))``. The same
+   splits can be read from local files (``data_dir``: WikiText ``.raw``, TinyStories
+   ``.txt``, or ``.jsonl``) or generated in code (``"synthetic"``, see ``synthetic.py``).
+2. A BPE tokenizer (:func:`get_tokenizer`; ``tokenizers``; Whitespace pre-tokenizer;
+   ``[UNK] [PAD] [SOS] [EOS]``) is trained per dataset. The paper says "on the training
+   corpus"; the reference code trains it on every split, which leaks validation text into
+   the vocabulary. We default to the paper (train only); ``train_on="all"`` reproduces the code.
+3. Every row is encoded (:func:`encode_splits`) without special tokens, like the reference.
+4. All token ids of a split are concatenated (no separators) and cut into non-overlapping
+   chunks of ``block_size + 1`` (:class:`TokenBlocks`); the remainder is dropped.
+5. :func:`build_loaders` runs 1-4 and wraps the blocks in DataLoaders.
+
+The sources (Hub, local files and their readers) follow, below the pipeline.
 
 Everything the user can fix (missing files, no network, too little data) raises
 :class:`DataError` with a one-line message; ``benchmark.py`` turns it into exit code 2.
@@ -73,20 +78,9 @@ SPECIAL_TOKENS = ("[UNK]", "[PAD]", "[SOS]", "[EOS]")
 # trainer options, how texts are fed), so that stale cache files are never reused.
 TOKENIZER_FORMAT_VERSION = 1
 
-EOT_MARKER = "<|endoftext|>"
-
-# The words that assign a local file to a split (see _find_split_files).
-_SPLIT_WORDS = {
-    "train": ("train",),
-    "validation": ("valid", "validation", "val"),
-    "test": ("test",),
-}
-_TEXT_SUFFIXES = (".txt", ".raw")
-_JSON_SUFFIXES = (".jsonl", ".json")
-
 
 # ----------------------------------------------------------------------------------------
-# Text splits
+# 1. Text splits
 # ----------------------------------------------------------------------------------------
 
 def load_text_splits(
@@ -108,23 +102,20 @@ def load_text_splits(
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
     caps = {"train": max_train_rows, "validation": max_val_rows}
-
     if source == "synthetic":
         if data_dir is not None:
             raise DataError("the synthetic corpus is generated in code; drop --data-dir or pick another source")
-        texts = synthetic_corpus()
-        splits = DatasetDict({name: datasets.Dataset.from_dict({"text": rows}) for name, rows in texts.items()})
+        splits = DatasetDict({name: datasets.Dataset.from_dict({"text": rows})
+                              for name, rows in synthetic_corpus().items()})
     elif data_dir is not None:
         splits = _load_local_splits(Path(data_dir), caps)
     else:
         splits = _load_hub_splits(source)
-
     # Same capping as the reference code: the first `cap` rows (local readers already
     # stopped there; this is then a no-op).
     for name, cap in caps.items():
         if cap is not None and len(splits[name]) > cap:
             splits[name] = splits[name].select(range(min(cap, len(splits[name]))))
-
     for name in ("train", "validation"):
         if len(splits[name]) == 0 or not any(t.strip() for t in _texts(splits[name])):
             where = data_dir if data_dir is not None else source
@@ -137,6 +128,240 @@ def _texts(ds: datasets.Dataset) -> list[str]:
     # row through a lazy Column and is ~500x slower on 100k rows.
     return ds[:]["text"] if len(ds) else []
 
+
+# ----------------------------------------------------------------------------------------
+# 2. Tokenizer
+# ----------------------------------------------------------------------------------------
+
+def get_tokenizer(
+    splits: DatasetDict,
+    *,
+    vocab_size: int = 10_000,
+    train_on: str | Sequence[str] = ("train",),
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool | None = None,
+) -> Tokenizer:
+    """BPE tokenizer as in SPEC section 3, trained on ``train_on`` only.
+
+    ``train_on``: a split name, a list of names, or ``"all"`` (every split: what the
+    reference code does). With ``cache_dir`` the trained tokenizer is stored as
+    ``cache_dir/tokenizer-<key>.json`` (key: :func:`tokenizer_cache_key`) and reused.
+    ``show_progress=None`` shows the trainer's progress bar only on a terminal.
+    """
+    tok, _, _ = _get_tokenizer_and_path(splits, vocab_size=vocab_size, train_on=train_on,
+                                        cache_dir=cache_dir, show_progress=show_progress)
+    return tok
+
+
+def _get_tokenizer_and_path(
+    splits: DatasetDict,
+    *,
+    vocab_size: int,
+    train_on: str | Sequence[str],
+    cache_dir: str | os.PathLike | None,
+    show_progress: bool | None,
+) -> tuple[Tokenizer, str | None, list[str]]:
+    """:func:`get_tokenizer`, also returning the cache path (or None) and the split names."""
+    names = _resolve_train_on(splits, train_on)
+    path = None
+    if cache_dir is not None:
+        key = tokenizer_cache_key(splits, vocab_size=vocab_size, train_on=names)
+        path = os.path.join(os.fspath(cache_dir), f"tokenizer-{key}.json")
+        if os.path.isfile(path):
+            try:
+                return Tokenizer.from_file(path), path, names
+            except Exception:
+                pass  # unreadable (e.g. truncated by hand): retrain and overwrite below
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+
+    def batches() -> Iterator[list[str]]:
+        for name in names:
+            texts = _texts(splits[name])
+            for i in range(0, len(texts), 1000):
+                yield texts[i:i + 1000]
+
+    n_rows = sum(len(splits[n]) for n in names)
+    tok = _train_tokenizer(batches(), n_rows, vocab_size, show_progress)
+    if path is not None:
+        # Atomic: a concurrent run or a crash never leaves a half-written JSON under the final name.
+        atomic_write_text(path, tok.to_str())
+    return tok, path, names
+
+
+def _resolve_train_on(splits: DatasetDict, train_on: str | Sequence[str]) -> list[str]:
+    if isinstance(train_on, str):
+        names = list(splits) if train_on == "all" else [train_on]
+    else:
+        names = list(train_on)
+    if not names:
+        raise DataError("no split selected to train the tokenizer on; use 'train' or 'all'")
+    missing = [n for n in names if n not in splits]
+    if missing:
+        raise DataError(
+            f"cannot train the tokenizer on {', '.join(missing)}: the data has only "
+            f"{', '.join(splits)}; use 'train' or 'all'"
+        )
+    # canonical order, so ("validation", "train") and ("train", "validation") share a cache
+    return [n for n in splits if n in names]
+
+
+def tokenizer_cache_key(splits: DatasetDict, *, vocab_size: int, train_on: Sequence[str]) -> str:
+    """sha256 over the settings and the exact texts (with their row boundaries) of the
+    splits used; never the dataset name, so edited files or other caps retrain."""
+    h = hashlib.sha256()
+    settings = {
+        "format": TOKENIZER_FORMAT_VERSION,
+        "model": "BPE",
+        "unk": "[UNK]",
+        "pre_tokenizer": "Whitespace",
+        "special_tokens": list(SPECIAL_TOKENS),
+        "vocab_size": int(vocab_size),
+        "splits": list(train_on),
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for name in train_on:
+        texts = _texts(splits[name])
+        h.update(f"\0split:{name}:{len(texts)}\0".encode())
+        for t in texts:
+            b = t.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))  # length prefix: ["ab"] != ["a", "b"]
+            h.update(b)
+    return h.hexdigest()[:20]
+
+
+def _train_tokenizer(batches: Iterable[list[str]], n_rows: int, vocab_size: int, show_progress: bool) -> Tokenizer:
+    tok = Tokenizer(BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    trainer = BpeTrainer(special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size,
+                         show_progress=show_progress)
+    tok.train_from_iterator(batches, trainer=trainer, length=n_rows)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Encoding and 4. blocks
+# ----------------------------------------------------------------------------------------
+
+def encode_splits(
+    splits: DatasetDict, tokenizer: Tokenizer, names: Sequence[str] | None = None
+) -> dict[str, list[list[int]]]:
+    """Token ids per row (no special tokens added, like the reference code)."""
+    out = {}
+    for name in (names if names is not None else list(splits)):
+        texts = _texts(splits[name])
+        ids: list[list[int]] = []
+        for i in range(0, len(texts), 10_000):  # bounded memory for the Encoding objects
+            ids.extend(e.ids for e in tokenizer.encode_batch(texts[i:i + 10_000]))
+        out[name] = ids
+    return out
+
+
+class TokenBlocks(Dataset):
+    """Non-overlapping ``block_size + 1`` chunks of the concatenated ids; the remainder is
+    dropped. Item i is ``(chunk[:-1], chunk[1:])``: inputs and next-token targets."""
+
+    def __init__(self, ids: Sequence[Sequence[int]] | torch.Tensor, block_size: int = 256):
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size = block_size
+        if isinstance(ids, torch.Tensor):
+            flat = ids.reshape(-1).to(torch.long)
+        else:
+            total = sum(len(row) for row in ids)
+            flat = torch.from_numpy(np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=total))
+        self.n_tokens = int(flat.numel())
+        span = block_size + 1
+        n_blocks = self.n_tokens // span
+        self.n_dropped = self.n_tokens - n_blocks * span
+        self.blocks = flat[: n_blocks * span].reshape(n_blocks, span).contiguous()
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.blocks[i]
+        return chunk[:-1], chunk[1:]
+
+
+def _split_blocks(ids: dict[str, list[list[int]]], block_size: int) -> dict[str, TokenBlocks]:
+    """Train and validation blocks; a split too small for one block is an error, since an
+    empty loader would make the epoch's mean loss 0 / 0."""
+    blocks = {name: TokenBlocks(ids[name], block_size) for name in ("train", "validation")}
+    for name, ds in blocks.items():
+        if len(ds) == 0:
+            raise DataError(
+                f"the {name} split has only {ds.n_tokens} tokens, fewer than one block of "
+                f"{block_size + 1}; use more {name} data or a smaller block size"
+            )
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Loaders
+# ----------------------------------------------------------------------------------------
+
+def build_loaders(
+    source: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    block_size: int = 256,
+    batch_size: int = 32,
+    vocab_size: int = 10_000,
+    tokenizer_splits: str | Sequence[str] = "train",
+    max_train_rows: int | None = 50_000,
+    max_val_rows: int | None = 5_000,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    show_progress: bool | None = None,
+) -> tuple[DataLoader, DataLoader, Tokenizer, dict]:
+    """Text -> tokenizer -> blocks -> (train_loader, val_loader, tokenizer, info).
+
+    The train order is a function of ``(seed, epoch)`` only: the sampler is a
+    ``DistributedSampler`` (one replica here; under torchrun it gets the rank and world
+    size) and the caller calls ``train_loader.sampler.set_epoch(epoch)`` before each
+    epoch. So the worker count never changes the numbers, and a resumed run needs only
+    the epoch index. Validation is unshuffled; both keep
+    the last partial batch (``drop_last=False``) like the reference code.
+    """
+    splits = load_text_splits(source, data_dir=data_dir, max_train_rows=max_train_rows,
+                              max_val_rows=max_val_rows)
+    tokenizer, tok_path, tok_on = _get_tokenizer_and_path(
+        splits, vocab_size=vocab_size, train_on=tokenizer_splits, cache_dir=cache_dir,
+        show_progress=show_progress)
+    blocks = _split_blocks(encode_splits(splits, tokenizer, names=("train", "validation")), block_size)
+
+    sampler = DistributedSampler(blocks["train"], num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                 drop_last=False)
+    # Its own generator: DataLoader draws a worker base seed at every iter(), which must
+    # not consume the global RNG that dropout uses.
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(blocks["train"], batch_size=batch_size, sampler=sampler, generator=generator,
+                              drop_last=False, num_workers=num_workers)
+    val_loader = DataLoader(blocks["validation"], batch_size=batch_size, shuffle=False,
+                            drop_last=False, num_workers=num_workers)
+    info = {
+        "source": source,
+        "data_dir": os.fspath(data_dir) if data_dir is not None else None,
+        "rows": {name: len(ds) for name, ds in splits.items()},
+        "tokens": {name: ds.n_tokens for name, ds in blocks.items()},
+        "blocks": {name: len(ds) for name, ds in blocks.items()},
+        "block_size": block_size,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "vocab_size_requested": vocab_size,
+        "tokenizer_path": tok_path,
+        "tokenizer_splits": tok_on,
+        "max_train_rows": max_train_rows,
+        "max_val_rows": max_val_rows,
+        "seed": seed,
+    }
+    return train_loader, val_loader, tokenizer, info
+
+
+# ========================================================================================
+# Sources: the Hugging Face Hub
+# ========================================================================================
 
 def _load_hub_splits(source: str) -> DatasetDict:
     path, config = HUB_SOURCES[source]
@@ -185,6 +410,26 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
+# ========================================================================================
+# Sources: local files (WikiText .raw, TinyStories .txt, .jsonl) and their readers
+# ========================================================================================
+
+# The formats users actually have: the official WikiText raw release (one row per line),
+# the official TinyStories text files (one row per <|endoftext|>-separated story; plain
+# .txt without the marker is read line by line), and JSON lines with a "text" field.
+_ACCEPTED_SUFFIXES = (".raw", ".txt", ".jsonl")
+_ACCEPTED = ('.raw or .txt (one row per line, or per <|endoftext|>-separated story) '
+             'or .jsonl (one {"text": ...} object per line)')
+EOT_MARKER = "<|endoftext|>"
+
+# The words that assign a local file to a split (see _find_split_files).
+_SPLIT_WORDS = {
+    "train": ("train",),
+    "validation": ("valid", "validation", "val"),
+    "test": ("test",),
+}
+
+
 def _load_local_splits(data_dir: Path, caps: dict[str, int | None]) -> DatasetDict:
     # Our own readers + Dataset.from_dict rather than load_dataset("text"): that loader cannot
     # reproduce the Hub's wikitext rows (it keeps " \n" where the Hub has ""), cannot split
@@ -201,34 +446,36 @@ def _load_local_splits(data_dir: Path, caps: dict[str, int | None]) -> DatasetDi
 def _find_split_files(data_dir: Path) -> dict[str, Path]:
     """Assign the files of ``data_dir`` (not recursive) to splits.
 
-    Rule: a ``.txt``, ``.raw``, ``.jsonl`` or ``.json`` file belongs to a split when its
-    name, cut at ``.``, ``_``, ``-`` and spaces, contains the word ``train``; ``valid``,
-    ``validation`` or ``val``; or ``test``. This covers WikiText (``wiki.train.raw``,
-    ``wiki.valid.raw``, ``wiki.test.raw``), TinyStories (``TinyStories-train.txt``,
-    ``valid_subset.txt``) and plain ``train.jsonl`` / ``validation.txt``. Two files for the
-    same split is an error rather than a silent choice.
+    Rule: a file belongs to a split when its name, cut at ``.``, ``_``, ``-`` and spaces,
+    contains the word ``train``; ``valid``, ``validation`` or ``val``; or ``test``. This
+    covers WikiText (``wiki.train.raw``, ``wiki.valid.raw``, ``wiki.test.raw``), TinyStories
+    (``TinyStories-train.txt``, ``valid_subset.txt``) and plain ``train.jsonl`` /
+    ``validation.txt``. Only ``.raw``, ``.txt`` and ``.jsonl`` files are read; a file of
+    another format is ignored when its split has an accepted file, and is an error (naming
+    the accepted formats) when it is its split's only file, since the user surely meant it.
+    Two accepted files for the same split is an error rather than a silent choice.
     """
     if not data_dir.exists():
         raise DataError(f"data directory {data_dir} does not exist; pass --data-dir DIR with the text files")
     if not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is a file; pass the directory that holds the split files")
     found: dict[str, list[Path]] = {}
+    other_formats: dict[str, list[Path]] = {}
     for p in sorted(data_dir.iterdir()):
-        if not p.is_file() or p.suffix.lower() not in _TEXT_SUFFIXES + _JSON_SUFFIXES:
+        if not p.is_file():
             continue
-        words = set(re.split(r"[._\-\s]+", p.stem.lower()))
-        for split, keys in _SPLIT_WORDS.items():
-            if words.intersection(keys):
-                found.setdefault(split, []).append(p)
-    expect = {
-        "train": "train.txt, train.jsonl, wiki.train.raw or train_subset.txt",
-        "validation": "validation.txt, valid.jsonl, wiki.valid.raw or valid_subset.txt",
-    }
-    for split in ("train", "validation"):
+        accepted = p.suffix.lower() in _ACCEPTED_SUFFIXES
+        for split in _splits_named_in(p.stem):
+            (found if accepted else other_formats).setdefault(split, []).append(p)
+    for split, paths in other_formats.items():
         if split not in found:
-            raise DataError(
-                f"no {split} file in {data_dir}: expected a .txt/.raw/.jsonl/.json file named like {expect[split]}"
-            )
+            names = ", ".join(p.name for p in paths)
+            raise DataError(f"{data_dir} has no {split} file in a format read here (found {names}); "
+                            f"convert it to {_ACCEPTED}")
+    for split, example in (("train", "wiki.train.raw, train_subset.txt or train.jsonl"),
+                           ("validation", "wiki.valid.raw, valid_subset.txt or validation.jsonl")):
+        if split not in found:
+            raise DataError(f"no {split} file in {data_dir}: expected a file named like {example} ({_ACCEPTED})")
     for split, paths in found.items():
         if len(paths) > 1:
             names = ", ".join(p.name for p in paths)
@@ -236,19 +483,22 @@ def _find_split_files(data_dir: Path) -> dict[str, Path]:
     return {split: paths[0] for split, paths in found.items()}
 
 
+def _splits_named_in(stem: str) -> list[str]:
+    words = set(re.split(r"[._\-\s]+", stem.lower()))
+    return [split for split, keys in _SPLIT_WORDS.items() if words.intersection(keys)]
+
+
 def _read_rows(path: Path, cap: int | None) -> list[str]:
     try:
-        if path.suffix.lower() in _JSON_SUFFIXES:
-            rows = _read_json_rows(path, cap)
-        elif _file_contains(path, EOT_MARKER.encode()):
-            rows = list(_iter_story_rows(path, cap))
-        else:
-            rows = list(_iter_line_rows(path, cap))
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl_rows(path, cap)
+        if _file_contains(path, EOT_MARKER.encode()):
+            return list(_iter_story_rows(path, cap))
+        return list(_iter_line_rows(path, cap))
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from e
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.strerror or e}); check the file and its permissions") from e
-    return rows
 
 
 def _file_contains(path: Path, needle: bytes) -> bool:
@@ -304,265 +554,22 @@ def _iter_story_rows(path: Path, cap: int | None) -> Iterator[str]:
         yield story
 
 
-def _read_json_rows(path: Path, cap: int | None) -> list[str]:
-    """``.jsonl``: one object per line; ``.json``: a list of objects, ``{"text": [...]}``,
-    or JSON lines (as ``datasets``' json loader accepts). The ``text`` field is the row."""
-    with open(path, encoding="utf-8-sig") as f:
-        if path.suffix.lower() == ".jsonl":
-            return _take_text(path, _json_lines(path, f), cap)
-        raw = f.read()
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        return _take_text(path, _json_lines(path, raw.splitlines()), cap)
-    if isinstance(obj, dict) and isinstance(obj.get("text"), list):
-        return _take_text(path, ({"text": t} for t in obj["text"]), cap)
-    if isinstance(obj, list):
-        return _take_text(path, obj, cap)
-    raise DataError(f"{path}: expected a list of objects with a 'text' field, or JSON lines")
+def _read_jsonl_rows(path: Path, cap: int | None) -> list[str]:
+    """JSON lines: one object per line, its ``text`` field is the row; blank lines skipped.
 
-
-def _take_text(path: Path, records: Iterable, cap: int | None) -> list[str]:
+    Line by line, so a row cap does not parse the rest of a large file."""
     rows: list[str] = []
-    for i, rec in enumerate(records):
-        if cap is not None and len(rows) >= cap:
-            break
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise DataError(f"{path}: record {i + 1} has no string 'text' field; every record needs one")
-        rows.append(rec["text"])
-    return rows
-
-
-def _json_lines(path: Path, lines: Iterable[str]) -> Iterator[dict]:
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg}); fix or remove it") from e
-
-
-# ----------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------
-
-def _resolve_train_on(splits: DatasetDict, train_on: str | Sequence[str]) -> list[str]:
-    if isinstance(train_on, str):
-        names = list(splits) if train_on == "all" else [train_on]
-    else:
-        names = list(train_on)
-    if not names:
-        raise DataError("no split selected to train the tokenizer on; use 'train' or 'all'")
-    missing = [n for n in names if n not in splits]
-    if missing:
-        raise DataError(
-            f"cannot train the tokenizer on {', '.join(missing)}: the data has only "
-            f"{', '.join(splits)}; use 'train' or 'all'"
-        )
-    # canonical order, so ("validation", "train") and ("train", "validation") share a cache
-    return [n for n in splits if n in names]
-
-
-def tokenizer_cache_key(splits: DatasetDict, *, vocab_size: int, train_on: Sequence[str]) -> str:
-    """sha256 over the settings and the exact texts (with their row boundaries) of the
-    splits used; never the dataset name, so edited files or other caps retrain."""
-    h = hashlib.sha256()
-    settings = {
-        "format": TOKENIZER_FORMAT_VERSION,
-        "model": "BPE",
-        "unk": "[UNK]",
-        "pre_tokenizer": "Whitespace",
-        "special_tokens": list(SPECIAL_TOKENS),
-        "vocab_size": int(vocab_size),
-        "splits": list(train_on),
-    }
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for name in train_on:
-        texts = _texts(splits[name])
-        h.update(f"\0split:{name}:{len(texts)}\0".encode())
-        for t in texts:
-            b = t.encode("utf-8")
-            h.update(len(b).to_bytes(8, "little"))  # length prefix: ["ab"] != ["a", "b"]
-            h.update(b)
-    return h.hexdigest()[:20]
-
-
-def _train_tokenizer(batches: Iterable[list[str]], n_rows: int, vocab_size: int, show_progress: bool) -> Tokenizer:
-    tok = Tokenizer(BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    trainer = BpeTrainer(special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size,
-                         show_progress=show_progress)
-    tok.train_from_iterator(batches, trainer=trainer, length=n_rows)
-    return tok
-
-
-def _get_tokenizer_and_path(
-    splits: DatasetDict,
-    *,
-    vocab_size: int,
-    train_on: str | Sequence[str],
-    cache_dir: str | os.PathLike | None,
-    show_progress: bool | None,
-) -> tuple[Tokenizer, str | None, list[str]]:
-    names = _resolve_train_on(splits, train_on)
-    path = None
-    if cache_dir is not None:
-        key = tokenizer_cache_key(splits, vocab_size=vocab_size, train_on=names)
-        path = os.path.join(os.fspath(cache_dir), f"tokenizer-{key}.json")
-        if os.path.isfile(path):
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if cap is not None and len(rows) >= cap:
+                break
+            if not line.strip():
+                continue
             try:
-                return Tokenizer.from_file(path), path, names
-            except Exception:
-                pass  # unreadable (e.g. truncated by hand): retrain and overwrite below
-
-    if show_progress is None:
-        show_progress = sys.stderr.isatty()
-
-    def batches() -> Iterator[list[str]]:
-        for name in names:
-            texts = _texts(splits[name])
-            for i in range(0, len(texts), 1000):
-                yield texts[i:i + 1000]
-
-    n_rows = sum(len(splits[n]) for n in names)
-    tok = _train_tokenizer(batches(), n_rows, vocab_size, show_progress)
-
-    if path is not None:
-        # Atomic: a concurrent run or a crash never leaves a half-written JSON under the final name.
-        atomic_write_text(path, tok.to_str())
-    return tok, path, names
-
-
-def get_tokenizer(
-    splits: DatasetDict,
-    *,
-    vocab_size: int = 10_000,
-    train_on: str | Sequence[str] = ("train",),
-    cache_dir: str | os.PathLike | None = None,
-    show_progress: bool | None = None,
-) -> Tokenizer:
-    """BPE tokenizer as in SPEC section 3, trained on ``train_on`` only.
-
-    ``train_on``: a split name, a list of names, or ``"all"`` (every split: what the
-    reference code does). With ``cache_dir`` the trained tokenizer is stored as
-    ``cache_dir/tokenizer-<key>.json`` (key: :func:`tokenizer_cache_key`) and reused.
-    ``show_progress=None`` shows the trainer's progress bar only on a terminal.
-    """
-    tok, _, _ = _get_tokenizer_and_path(splits, vocab_size=vocab_size, train_on=train_on,
-                                        cache_dir=cache_dir, show_progress=show_progress)
-    return tok
-
-
-# ----------------------------------------------------------------------------------------
-# Encoding and blocks
-# ----------------------------------------------------------------------------------------
-
-def encode_splits(
-    splits: DatasetDict, tokenizer: Tokenizer, names: Sequence[str] | None = None
-) -> dict[str, list[list[int]]]:
-    """Token ids per row (no special tokens added, like the reference code)."""
-    out = {}
-    for name in (names if names is not None else list(splits)):
-        texts = _texts(splits[name])
-        ids: list[list[int]] = []
-        for i in range(0, len(texts), 10_000):  # bounded memory for the Encoding objects
-            ids.extend(e.ids for e in tokenizer.encode_batch(texts[i:i + 10_000]))
-        out[name] = ids
-    return out
-
-
-class TokenBlocks(Dataset):
-    """Non-overlapping ``block_size + 1`` chunks of the concatenated ids; the remainder is
-    dropped. Item i is ``(chunk[:-1], chunk[1:])``: inputs and next-token targets."""
-
-    def __init__(self, ids: Sequence[Sequence[int]] | torch.Tensor, block_size: int = 256):
-        if block_size < 1:
-            raise ValueError("block_size must be >= 1")
-        self.block_size = block_size
-        if isinstance(ids, torch.Tensor):
-            flat = ids.reshape(-1).to(torch.long)
-        else:
-            total = sum(len(row) for row in ids)
-            flat = torch.from_numpy(np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=total))
-        self.n_tokens = int(flat.numel())
-        span = block_size + 1
-        n_blocks = self.n_tokens // span
-        self.n_dropped = self.n_tokens - n_blocks * span
-        self.blocks = flat[: n_blocks * span].reshape(n_blocks, span).contiguous()
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = self.blocks[i]
-        return chunk[:-1], chunk[1:]
-
-
-# ----------------------------------------------------------------------------------------
-# Loaders
-# ----------------------------------------------------------------------------------------
-
-def build_loaders(
-    source: str,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    block_size: int = 256,
-    batch_size: int = 32,
-    vocab_size: int = 10_000,
-    tokenizer_splits: str | Sequence[str] = "train",
-    max_train_rows: int | None = 50_000,
-    max_val_rows: int | None = 5_000,
-    cache_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    num_workers: int = 0,
-    show_progress: bool | None = None,
-) -> tuple[DataLoader, DataLoader, Tokenizer, dict]:
-    """Text -> tokenizer -> blocks -> (train_loader, val_loader, tokenizer, info).
-
-    The train order is a function of ``(seed, epoch)`` only: the sampler is a
-    ``DistributedSampler`` (one replica here; under torchrun it gets the rank and world
-    size) and the caller calls ``train_loader.sampler.set_epoch(epoch)`` before each
-    epoch. So the worker count never changes the numbers, and a resumed run needs only
-    the epoch index. Validation is unshuffled; both keep
-    the last partial batch (``drop_last=False``) like the reference code.
-    """
-    splits = load_text_splits(source, data_dir=data_dir, max_train_rows=max_train_rows,
-                              max_val_rows=max_val_rows)
-    tokenizer, tok_path, tok_on = _get_tokenizer_and_path(
-        splits, vocab_size=vocab_size, train_on=tokenizer_splits, cache_dir=cache_dir,
-        show_progress=show_progress)
-    ids = encode_splits(splits, tokenizer, names=("train", "validation"))
-    blocks = {name: TokenBlocks(ids[name], block_size) for name in ("train", "validation")}
-    for name, ds in blocks.items():
-        if len(ds) == 0:
-            raise DataError(
-                f"the {name} split has only {ds.n_tokens} tokens, fewer than one block of "
-                f"{block_size + 1}; use more {name} data or a smaller block size"
-            )
-
-    sampler = DistributedSampler(blocks["train"], num_replicas=1, rank=0, shuffle=True, seed=seed,
-                                 drop_last=False)
-    # Its own generator: DataLoader draws a worker base seed at every iter(), which must
-    # not consume the global RNG that dropout uses.
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(blocks["train"], batch_size=batch_size, sampler=sampler, generator=generator,
-                              drop_last=False, num_workers=num_workers)
-    val_loader = DataLoader(blocks["validation"], batch_size=batch_size, shuffle=False,
-                            drop_last=False, num_workers=num_workers)
-    info = {
-        "source": source,
-        "data_dir": os.fspath(data_dir) if data_dir is not None else None,
-        "rows": {name: len(ds) for name, ds in splits.items()},
-        "tokens": {name: ds.n_tokens for name, ds in blocks.items()},
-        "blocks": {name: len(ds) for name, ds in blocks.items()},
-        "block_size": block_size,
-        "vocab_size": tokenizer.get_vocab_size(),
-        "vocab_size_requested": vocab_size,
-        "tokenizer_path": tok_path,
-        "tokenizer_splits": tok_on,
-        "max_train_rows": max_train_rows,
-        "max_val_rows": max_val_rows,
-        "seed": seed,
-    }
-    return train_loader, val_loader, tokenizer, info
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg}); fix or remove it") from e
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f'{path}: line {lineno} has no string "text" field; every line needs one')
+            rows.append(record["text"])
+    return rows

@@ -12,20 +12,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from conftest import REPO, shared_data_dir
+from datasets import Dataset, DatasetDict
 
-REPO = Path(__file__).resolve().parents[1]
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import datasets  # noqa: E402
-from datasets import Dataset, DatasetDict  # noqa: E402
-
-import data  # noqa: E402
-import synthetic  # noqa: E402
-from data import DataError, TokenBlocks  # noqa: E402
+import data
+import synthetic
+from data import DataError, TokenBlocks
 
 
 @pytest.fixture(autouse=True)
@@ -44,15 +39,7 @@ def _dd(**splits):
     return DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in splits.items()})
 
 
-def _shared_data_dir():
-    candidates = [os.environ.get("GAM_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
-    return None
-
-
-SHARED = _shared_data_dir()
+SHARED = shared_data_dir()
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +218,8 @@ def test_encode_splits_matches_per_row_encoding():
 # ---------------------------------------------------------------------------------------
 
 def test_local_wikitext_raw_rows_are_lines(tmp_path):
-    (tmp_path / "wiki.train.raw").write_text(" \n = Title = \n \n Some text , here . \n\n last line \n", encoding="utf-8")
+    (tmp_path / "wiki.train.raw").write_text(" \n = Title = \n \n Some text , here . \n\n last line \n",
+                                             encoding="utf-8")
     (tmp_path / "wiki.valid.raw").write_text(" = V = \n v text \n", encoding="utf-8")
     (tmp_path / "wiki.test.raw").write_text(" t \n", encoding="utf-8")
     s = data.load_text_splits("wikitext2", data_dir=tmp_path)
@@ -244,8 +232,9 @@ def test_local_wikitext_raw_rows_are_lines(tmp_path):
     assert len(capped["validation"]) == 1 and len(capped["test"]) == 1  # test is never capped
 
 
-def test_local_txt_stories_bom_and_jsonl(tmp_path):
-    stories = "Once there was a cat.\nIt sat.\n<|endoftext|>\nA dog ran.\n<|endoftext|>\nThe end.<|endoftext|>Tail story\n"
+def test_local_txt_stories_and_bom(tmp_path):
+    stories = ("Once there was a cat.\nIt sat.\n<|endoftext|>\nA dog ran.\n<|endoftext|>\n"
+               "The end.<|endoftext|>Tail story\n")
     (tmp_path / "train_subset.txt").write_bytes(stories.encode("utf-8"))
     (tmp_path / "valid_subset.txt").write_bytes(b"\xef\xbb\xbfSpot saw a car.\n<|endoftext|>\nBye.\n<|endoftext|>\n")
     s = data.load_text_splits("tinystories", data_dir=tmp_path)
@@ -255,16 +244,74 @@ def test_local_txt_stories_bom_and_jsonl(tmp_path):
     assert data.load_text_splits("tinystories", data_dir=tmp_path, max_train_rows=2)["train"]["text"] == [
         "Once there was a cat.\nIt sat.", "A dog ran."]
 
-    j = tmp_path / "j"
-    j.mkdir()
-    (j / "train.jsonl").write_text('{"text": "first row", "id": 1}\n\n{"text": "second"}\n', encoding="utf-8")
-    (j / "validation.json").write_text(json.dumps([{"text": "v1"}, {"text": "v2"}]), encoding="utf-8")
-    s = data.load_text_splits("wikitext2", data_dir=j)
-    assert s["train"]["text"] == ["first row", "second"]
+
+def test_local_jsonl_text_field_per_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "first row", "id": 1}\n\n{"text": " second \\n"}\n',
+                                          encoding="utf-8")
+    (tmp_path / "validation.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "v1"}\n{"text": "v2"}')  # BOM, no final \n
+    s = data.load_text_splits("wikitext2", data_dir=tmp_path)
+    assert s["train"]["text"] == ["first row", " second \n"]  # the field verbatim; blank lines skipped
     assert s["validation"]["text"] == ["v1", "v2"]
-    (j / "train.jsonl").write_text('{"body": "no text field"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match="text"):
-        data.load_text_splits("wikitext2", data_dir=j)
+
+
+def test_local_jsonl_cap_stops_reading(tmp_path):
+    # Catches: a reader that parses the whole file before capping (slow on a large file).
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\nnot json at all\n', encoding="utf-8")
+    (tmp_path / "valid.jsonl").write_text('{"text": "v"}\n', encoding="utf-8")
+    assert data.load_text_splits("wikitext2", data_dir=tmp_path, max_train_rows=2)["train"]["text"] == ["a", "b"]
+    with pytest.raises(DataError, match="line 3 is not valid JSON"):
+        data.load_text_splits("wikitext2", data_dir=tmp_path, max_train_rows=3)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        pytest.param('{"text": "ok"}\n{"text": "oops",\n', "line 2 is not valid JSON", id="broken_line"),
+        pytest.param('{"text": "ok"}\n{"body": "no text"}\n', 'line 2 has no string "text" field', id="no_text_field"),
+        pytest.param('{"text": 3}\n', 'line 1 has no string "text" field', id="text_not_a_string"),
+        pytest.param('["a list"]\n', 'line 1 has no string "text" field', id="not_an_object"),
+        pytest.param('[{"text": "a"}, {"text": "b"}]', 'line 1 has no string "text" field', id="json_array_in_jsonl"),
+    ],
+)
+def test_local_jsonl_errors_name_the_line(tmp_path, content, match):
+    (tmp_path / "train.jsonl").write_text(content, encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("v\n", encoding="utf-8")
+    with pytest.raises(DataError, match=match) as e:
+        data.load_text_splits("wikitext2", data_dir=tmp_path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("train.json", id="json"),
+        pytest.param("train.csv", id="csv"),
+        pytest.param("train.parquet", id="parquet"),
+        pytest.param("TinyStories-train.txt.gz", id="gzipped_txt"),
+        pytest.param("wiki.train.tokens", id="wikitext_tokens"),
+    ],
+)
+def test_unaccepted_format_as_a_splits_only_file_is_an_error_naming_the_formats(tmp_path, name):
+    # Catches: such a file read as text (garbage rows), or silently skipped so that the
+    # error claims there is no train file at all.
+    (tmp_path / name).write_text('[{"text": "a"}]\n', encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("v\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        data.load_text_splits("wikitext2", data_dir=tmp_path)
+    msg = str(e.value)
+    assert f"found {name})" in msg and "train" in msg and "\n" not in msg  # not "train.jsonl"
+    assert all(fmt in msg for fmt in (".raw", ".txt", ".jsonl", "<|endoftext|>", '"text"')), msg
+
+
+def test_unaccepted_format_beside_an_accepted_file_is_ignored(tmp_path):
+    # Catches: the extra file counted as a second train file ("several train files").
+    (tmp_path / "wiki.train.raw").write_text(" a \n", encoding="utf-8")
+    (tmp_path / "wiki.train.json").write_text('[{"text": "not me"}]', encoding="utf-8")
+    (tmp_path / "wiki.valid.raw").write_text(" v \n", encoding="utf-8")
+    (tmp_path / "valid.parquet").write_bytes(b"PAR1")
+    (tmp_path / "README.md").write_text("no split word: never a candidate\n", encoding="utf-8")
+    s = data.load_text_splits("wikitext2", data_dir=tmp_path)
+    assert s["train"]["text"] == [" a \n"] and s["validation"]["text"] == [" v \n"]
 
 
 def test_local_plain_txt_without_marker_is_one_row_per_line(tmp_path):

@@ -9,41 +9,39 @@
 Every hyperparameter of the paper is a flag whose default is the paper's value;
 a preset changes some of them and explicit flags override the preset. Outputs go
 to --out-dir: results.json, table1.md, table3.md (ablations), curves.png,
-config.json and per-run checkpoints.
+config.json (the run's settings and a fingerprint of its data) and per-run checkpoints.
+
+Exit codes: 0 done; 2 a problem with the command line, the run folder or the data, found
+before anything is written or trained; 1 a failure while training (non-finite loss, out of
+memory, a full disk); 130 interrupted, with the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
 import math
 import os
+import pickle
+import shlex
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
-from reporting import OneLineParser, atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text, run_metadata
-
-# ---------------------------------------------------------------------------------------
-# What the paper ran, and what it reported (arXiv:2509.00605, Tables 1 and 3).
-# Printed beside our numbers; never copied into our results.
-
-PAPER_TABLE1 = {
-    ("wikitext2", "transformer"): {"params": "24.2 M", "epoch_time_s": 131.9, "val_loss": 6.8233, "val_ppl": 918.99},
-    ("wikitext2", "mamba"): {"params": "20.5 M", "epoch_time_s": 127.1, "val_loss": 6.9251, "val_ppl": 1017.54},
-    ("wikitext2", "gam"): {"params": "22.6 M", "epoch_time_s": 117.2, "val_loss": 6.7828, "val_ppl": 882.57},
-    ("tinystories", "transformer"): {"params": "24.2 M", "epoch_time_s": 671.6, "val_loss": 3.1591, "val_ppl": 23.55},
-    ("tinystories", "gam"): {"params": "22.6 M", "epoch_time_s": 601.4, "val_loss": 3.1418, "val_ppl": 23.15},
-}
-PAPER_TABLE3 = {  # WikiText-2, best validation PPL over the epochs
-    "gam": {"params": "22.6 M", "best_val_ppl": 900.84},
-    "gam-global-only": {"params": "19.4 M", "best_val_ppl": 905.45},
-    "gam-sum-fusion": {"params": "19.4 M", "best_val_ppl": 942.59},
-    "gam-local-only": {"params": "17.9 M", "best_val_ppl": 944.70},
-}
+from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
+                       plot_curves, run_metadata, table1_markdown, table3_markdown)
 
 # The Table 3 switches of each GAM variant.
 GAM_VARIANTS = {
@@ -63,6 +61,8 @@ PAPER_HPARAMS = dict(
     epochs=5, grad_clip=1.0, max_train_rows=50000, max_val_rows=5000, max_train_blocks=None,
     tokenizer_splits="train", attention="naive", mamba_residual=False, seed=1337,
 )
+CHOICES = {"tokenizer_splits": ["train", "all"], "attention": ["naive", "sdpa"],
+           "mamba_impl": list(MAMBA_IMPLS)}
 
 PRESETS = {
     # Table 1 as reported: Mamba only on WikiText-2.
@@ -82,9 +82,79 @@ PRESETS = {
         d_state=8, expand=2, batch_size=16, lr=3e-3, warmup_steps=50, epochs=2, max_train_blocks=8000,
     ),
 }
+# What a run records beside PAPER_HPARAMS; config.json also holds "data_fingerprint".
+RUN_KEYS = ["preset", "seeds", "mamba_impl", "runs", "data_dirs", "out_dir", "num_workers"]
+# Flags that may change on --resume: none of them changes the numbers.
+RESUME_FLAGS = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir"}
+MAX_SEED = 2**63  # torch.manual_seed and the sampler's generator take seeds below this
+WANDB_PROBE_TIMEOUT_S = 5.0
+WANDB_INIT_TIMEOUT_S = 60.0
+
+
+class UsageError(Exception):
+    """Bad input (command line, run folder, data), found before anything is written: exit 2."""
+
+
+class RunError(Exception):
+    """A failure while training: exit 1."""
+
+
+class DivergedError(RunError):
+    """Training produced a non-finite loss."""
+
+
+@dataclass
+class Where:
+    """Where the run is, for the line printed on Ctrl-C or a failure."""
+    stage: str = "start-up"
+    resume_command: str | None = None  # set once the run folder can be resumed
+
 
 # ---------------------------------------------------------------------------------------
-# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # a malformed flag: argparse's one line, exit 2
+    where = Where()
+    try:
+        explicit = explicit_flags(parser, args)
+        cfg = resolve_config(args, explicit)
+        device = resolve_device(args.device)
+        check_folders(cfg, args)
+        if args.resume:  # the folder already holds a run: a Ctrl-C from here on can be resumed
+            where.resume_command = resume_command(cfg, args, explicit)
+        logger = WandbLogger(resolve_wandb_mode(args.wandb, cfg["out_dir"]), args.wandb_project, cfg["out_dir"])
+        print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {cfg['out_dir']}, wandb {logger.mode}")
+        data = prepare_data(cfg, cache_dir(args), where)
+        if args.unigram_only:
+            return write_unigram(data, Path(cfg["out_dir"]))
+        preflight(cfg, data, device, where)
+        start_run(cfg, args, explicit, where)
+        run_all(cfg, data, device, logger, where)
+    except UsageError as e:
+        return fail(f"error: {e}", 2)
+    except RunError as e:
+        return fail(str(e), 1)
+    except KeyboardInterrupt:
+        return fail(interrupted_line(where), 130)
+    except (MemoryError, RuntimeError, OSError) as e:
+        if not (isinstance(e, OSError) or is_oom(e)):
+            raise  # a bug: its traceback is the useful report
+        return fail(failure_line(e, where), 1)
+    table = Path(cfg["out_dir"]) / "table1.md"
+    print(table.read_text() if table.exists() else "")
+    print(f"results: {Path(cfg['out_dir']) / 'results.json'}")
+    return 0
+
+
+def fail(line: str, code: int) -> int:
+    print(f"benchmark.py: {line}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------
+# Command line and run config: everything is checked before data is prepared or a file written.
 
 
 HELP = {
@@ -95,22 +165,16 @@ HELP = {
 }
 
 
-class UsageError(Exception):
-    """A problem the user fixes by changing the command line: exit code 2, one line."""
-
-
-class DivergedError(Exception):
-    """Training produced a non-finite loss."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
+        prog="benchmark.py",
         description="Reproduce Table 1 / Table 3 of the GAM paper. Defaults are the paper's; "
                     "a preset changes some of them; explicit flags override the preset.",
         epilog="presets: paper = Table 1 (WikiText-2: Transformer, Mamba, GAM; TinyStories: Transformer, GAM); "
                "ablation = Table 3 (four GAM variants on WikiText-2); smoke = embedded synthetic corpus, "
                "tiny models, no network (~2 min on 2 CPU cores); cpu = WikiText-2 from --data-dir with "
-               "models scaled down for 2 CPU cores (< 30 min).",
+               "models scaled down for 2 CPU cores (< 30 min). Exit codes: 0 done, 1 failed while training, "
+               "2 bad input (nothing written), 130 interrupted (prints the --resume command).",
     )
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="default: paper")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, help="override the preset's datasets")
@@ -118,53 +182,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", nargs="+", metavar="[NAME=]DIR",
                    help="read a dataset from local files instead of the Hugging Face Hub; "
                         "NAME=DIR per dataset, or a bare DIR when one hub dataset is selected")
-    g = p.add_argument_group("model and training (default: the paper's value, or the preset's)")
-    for name, value in PAPER_HPARAMS.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"paper: {value}")
-        elif name == "tokenizer_splits":
-            g.add_argument(flag, choices=["train", "all"], default=None,
-                           help="train the tokenizer on the train split (the paper) or on all splits "
-                                "(the author's code). paper: train")
-        elif name == "attention":
-            g.add_argument(flag, choices=["naive", "sdpa"], default=None,
-                           help="Transformer attention: naive (what the paper timed) or fused SDPA")
-        else:
-            kind = float if isinstance(value, float) else int
-            g.add_argument(flag, type=kind, default=None, metavar=name.upper(),
-                           help=HELP.get(name, "") + f"paper: {'all' if value is None else value}")
+    add_hparam_flags(p.add_argument_group("model and training (default: the paper's value, or the preset's)"))
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="run every (dataset, model) once per seed (overrides --seed); tables show mean ± std")
-    p.add_argument("--mamba-impl", choices=["auto", "hf", "mamba_ssm"], default="auto",
-                   help="mamba_ssm kernels (CUDA) or the pure-PyTorch Hugging Face mixer")
+    p.add_argument("--mamba-impl", choices=CHOICES["mamba_impl"], default="auto",
+                   help="mamba_ssm's CUDA kernels, or the pure-PyTorch mixer (torch); "
+                        "auto: mamba_ssm when it imports and the device is CUDA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--out-dir", help="default: runs/<timestamp>")
+    p.add_argument("--out-dir", help="a new or empty folder; default: runs/<timestamp>")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR with its saved config")
     p.add_argument("--cache-dir", default=None, help="tokenizer cache; default: <repo>/.cache")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes (the data order, and so the numbers, do not depend on it)")
     p.add_argument("--wandb", choices=["online", "offline", "disabled"], default=None,
-                   help="default: online when logged in to wandb, else offline")
+                   help="default: online when logged in to wandb (offline, with a warning, when its server "
+                        "cannot be reached), else disabled")
     p.add_argument("--wandb-project", default="gam-reproduction")
     p.add_argument("--unigram-only", action="store_true",
                    help="prepare the data, write the unigram reference PPL to unigram.json, train nothing")
     return p
 
 
+def add_hparam_flags(g) -> None:
+    """One flag per hyperparameter of the paper, default None (= the preset's or the paper's)."""
+    for name, value in PAPER_HPARAMS.items():
+        option = flag(name)
+        if isinstance(value, bool):
+            g.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=f"paper: {value}")
+        elif name == "tokenizer_splits":
+            g.add_argument(option, choices=CHOICES[name], default=None,
+                           help="train the tokenizer on the train split (the paper) or on all splits "
+                                "(the author's code). paper: train")
+        elif name == "attention":
+            g.add_argument(option, choices=CHOICES[name], default=None,
+                           help="Transformer attention: naive (what the paper timed) or fused SDPA")
+        else:
+            kind = float if isinstance(value, float) else int
+            g.add_argument(option, type=kind, default=None, metavar=name.upper(),
+                           help=HELP.get(name, "") + f"paper: {'all' if value is None else value}")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    return {k for k, v in vars(args).items() if v is not None and v != parser.get_default(k)}
+
+
 def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
-    """Paper defaults < preset < explicit flags. Returns the full, JSON-able run config."""
+    """Paper defaults < preset < explicit flags, or the saved config on --resume; validated."""
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise UsageError(f"--resume {args.resume}: no config.json there (is it a benchmark.py --out-dir?)")
-        allowed = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir"}
-        if explicit - allowed:
-            raise UsageError("--resume restores the saved config; drop these flags: "
-                             + " ".join("--" + k.replace("_", "-") for k in sorted(explicit - allowed)))
-        cfg = json.loads(saved.read_text())
-        cfg["out_dir"] = str(Path(args.resume))
-        return cfg
+        return saved_config(Path(args.resume), args, explicit)
+    for name in ("datasets", "models", "seeds"):
+        values = getattr(args, name) or []
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise UsageError(f"{flag(name)}: {', '.join(twice)} given twice")
     cfg = dict(PAPER_HPARAMS)
     preset = dict(PRESETS[args.preset])
     runs = preset.pop("runs")
@@ -173,13 +243,33 @@ def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
     if args.datasets or args.models:
         datasets = args.datasets or list(runs)
         runs = {d: args.models or runs.get(d) or ["transformer", "mamba", "gam"] for d in datasets}
-    cfg["preset"] = args.preset
-    cfg["seeds"] = list(args.seeds) if args.seeds else [cfg["seed"]]
-    cfg["mamba_impl"] = args.mamba_impl
-    cfg["runs"] = runs
-    cfg["data_dirs"] = parse_data_dirs(args.data_dir, runs)
-    cfg["out_dir"] = args.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    cfg.update(preset=args.preset, seeds=list(args.seeds) if args.seeds else [cfg["seed"]],
+               mamba_impl=args.mamba_impl, runs=runs, data_dirs=parse_data_dirs(args.data_dir, runs),
+               out_dir=args.out_dir or default_out_dir(), num_workers=args.num_workers)
     validate_config(cfg)
+    return cfg
+
+
+def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UsageError(f"--resume {run_dir}: no config.json there (is it a benchmark.py --out-dir?)")
+    refused = explicit - RESUME_FLAGS
+    if refused:
+        raise UsageError("--resume restores the saved config; drop these flags: "
+                         + " ".join("--" + k.replace("_", "-") for k in sorted(refused)))
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise UsageError(f"it holds a JSON {type(cfg).__name__}, not a run config")
+        validate_config(cfg, saved=True)
+    except (OSError, ValueError, TypeError, UsageError) as e:  # JSON and decoding errors are ValueErrors
+        why = str(e) if isinstance(e, UsageError) else one_line(e)
+        raise UsageError(f"{path} is not a valid benchmark.py config ({why}); restore it, "
+                         "or start a fresh run with another --out-dir") from None
+    cfg["out_dir"] = str(run_dir)
+    if "num_workers" in explicit:
+        cfg["num_workers"] = args.num_workers
     return cfg
 
 
@@ -189,27 +279,76 @@ def parse_data_dirs(values: list[str] | None, runs: dict) -> dict:
     for v in values or []:
         name, sep, path = v.partition("=")
         if not sep:
-            if len(hub) != 1:
-                raise UsageError(f"--data-dir {v}: several datasets selected ({', '.join(hub) or 'none from the hub'}); "
-                                 "write NAME=DIR, e.g. --data-dir wikitext2=DIR")
+            if not hub:
+                raise UsageError(f"--data-dir {v}: no hub dataset is selected (synthetic is generated in code); "
+                                 "select one, e.g. --datasets wikitext2 --data-dir wikitext2=DIR")
+            if len(hub) > 1:
+                raise UsageError(f"--data-dir {v}: several hub datasets are selected ({', '.join(hub)}); "
+                                 f"write NAME=DIR, e.g. --data-dir {hub[0]}={v}")
             name, path = hub[0], v
         if name not in hub:
             raise UsageError(f"--data-dir {v}: '{name}' is not a selected hub dataset ({', '.join(hub) or 'none'})")
+        if name in out:
+            raise UsageError(f"--data-dir: {name} given twice")
         if not Path(path).is_dir():
             raise UsageError(f"--data-dir {v}: {path} is not a folder")
         out[name] = str(Path(path).resolve())
     return out
 
 
-def validate_config(cfg: dict) -> None:
-    positive = ["vocab_size", "block_size", "n_embed", "n_layer", "n_head", "num_memory_slots", "conv_kernel_size",
-                "d_state", "d_conv", "expand", "batch_size", "epochs"]
-    for k in positive:
+def default_out_dir() -> str:
+    """runs/<timestamp>, with a suffix when a run started in the same second."""
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    path, n = base, 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def validate_config(cfg: dict, saved: bool = False) -> None:
+    """The same checks for the command line and a saved config.json (which also has its data
+    fingerprint): every key present and no other, each of the right type, each value sensible."""
+    keys = [*PAPER_HPARAMS, *RUN_KEYS, *(["data_fingerprint"] if saved else [])]
+    unknown, missing = sorted(set(cfg) - set(keys)), [k for k in keys if k not in cfg]
+    listed = lambda ks: ", ".join(ks[:4]) + (f" and {len(ks) - 4} more" if len(ks) > 4 else "")  # noqa: E731
+    if unknown or missing:
+        raise UsageError("; ".join(([f"unknown keys {listed(unknown)}"] if unknown else [])
+                                   + ([f"missing keys {listed(missing)}"] if missing else [])))
+    for k, default in PAPER_HPARAMS.items():
+        check_type(k, cfg[k], default)
+    validate_values(cfg)
+    validate_run_keys(cfg, saved)
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_type(key: str, value, default) -> None:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if key in ("max_train_rows", "max_val_rows", "max_train_blocks"):
+        ok = value is None or is_int
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = is_int
+    elif isinstance(default, float):
+        ok = is_int or (isinstance(value, float) and math.isfinite(value))
+    else:
+        ok = value in CHOICES[key]
+    if not ok:
+        raise UsageError(f"{flag(key)}: invalid value {value!r}")
+
+
+def validate_values(cfg: dict) -> None:
+    for k in ["vocab_size", "block_size", "n_embed", "n_layer", "n_head", "num_memory_slots", "conv_kernel_size",
+              "d_state", "d_conv", "expand", "batch_size", "epochs"]:
         if cfg[k] < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+            raise UsageError(f"{flag(k)} must be >= 1, got {cfg[k]}")
     for k in ["warmup_steps", "weight_decay", "grad_clip"]:
         if cfg[k] < 0:
-            raise UsageError(f"--{k.replace('_', '-')} must be >= 0, got {cfg[k]}")
+            raise UsageError(f"{flag(k)} must be >= 0, got {cfg[k]}")
     if not cfg["lr"] > 0:
         raise UsageError(f"--lr must be > 0, got {cfg['lr']}")
     if not (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1):
@@ -220,7 +359,32 @@ def validate_config(cfg: dict) -> None:
         raise UsageError(f"--n-embed ({cfg['n_embed']}) must be divisible by --n-head ({cfg['n_head']})")
     for k in ["max_train_rows", "max_val_rows", "max_train_blocks"]:
         if cfg[k] is not None and cfg[k] < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be >= 1")
+            raise UsageError(f"{flag(k)} must be >= 1")
+    if not 0 <= cfg["seed"] < MAX_SEED:
+        raise UsageError(f"--seed must lie in [0, 2**63), got {cfg['seed']}")
+
+
+def validate_run_keys(cfg: dict, saved: bool) -> None:
+    seeds, runs, data_dirs = cfg["seeds"], cfg["runs"], cfg["data_dirs"]
+    if not (isinstance(seeds, list) and seeds and all(type(s) is int and 0 <= s < MAX_SEED for s in seeds)
+            and len(set(seeds)) == len(seeds)):
+        raise UsageError(f"--seeds must be distinct integers in [0, 2**63), got {seeds!r}")
+    if cfg["preset"] not in PRESETS or cfg["mamba_impl"] not in CHOICES["mamba_impl"]:
+        raise UsageError(f"unknown --preset {cfg['preset']!r} or --mamba-impl {cfg['mamba_impl']!r}")
+    if not (isinstance(runs, dict) and runs and all(
+            d in DATASETS and isinstance(ms, list) and ms and all(m in MODELS for m in ms)
+            and len(set(ms)) == len(ms) for d, ms in runs.items())):
+        raise UsageError(f"runs must map datasets ({', '.join(DATASETS)}) to distinct models "
+                         f"({', '.join(MODELS)}), got {runs!r}")
+    if not (isinstance(data_dirs, dict) and all(d in runs and isinstance(p, str) for d, p in data_dirs.items())):
+        raise UsageError(f"data_dirs must map selected datasets to folders, got {data_dirs!r}")
+    if not (isinstance(cfg["out_dir"], str) and type(cfg["num_workers"]) is int and cfg["num_workers"] >= 0):
+        raise UsageError(f"--num-workers must be >= 0, got {cfg['num_workers']!r}")
+    if saved:
+        fp = cfg["data_fingerprint"]
+        if not (isinstance(fp, dict) and set(fp) == set(runs)
+                and all(isinstance(v, dict) and set(v) == set(FINGERPRINT_KEYS) for v in fp.values())):
+            raise UsageError("data_fingerprint must hold train, validation, tokenizer and vocab_size per dataset")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -228,15 +392,288 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name}: {e}") from None
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {name}: {one_line(e)}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UsageError(f"--device {name}: only cpu, cuda and cuda:N are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
+def cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir) if args.cache_dir else Path(__file__).resolve().parent / ".cache"
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.json", "results.json", "checkpoints"))
+
+
+def check_folders(cfg: dict, args: argparse.Namespace) -> None:
+    """A fresh run never writes into another run's folder; every folder we write is writable."""
+    out = Path(cfg["out_dir"])
+    if not args.resume and out.is_dir() and is_run_dir(out):
+        raise UsageError(f"--out-dir {out} already holds a run; continue it with "
+                         f"`python benchmark.py --resume {shlex.quote(str(out))}`, or choose another --out-dir")
+    check_writable(out, "--resume" if args.resume else "--out-dir")
+    check_writable(cache_dir(args), "--cache-dir")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """path is, or can be made, a folder we can write in: probed with a temporary file in its
+    deepest existing ancestor (permission bits do not tell, e.g. for root or a read-only mount)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file, not a folder; choose another path")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{what} {path} lies under the file {existing}; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what} {path} is not writable ({e.strerror or e}); choose another path") from None
+
+
 # ---------------------------------------------------------------------------------------
-# Training
+# Data: every dataset prepared, checked and fingerprinted before any model is built.
+
+FINGERPRINT_KEYS = ("train", "validation", "tokenizer", "vocab_size")
+
+
+def prepare_data(cfg: dict, cache: Path, where: Where) -> dict:
+    """dataset -> (train_loader, val_loader, info). On a fresh run the data's fingerprint goes
+    into cfg (and so config.json); on --resume a changed train set, validation set or
+    tokenizer is refused, since the checkpoints were trained on the old ones."""
+    from data import DataError, build_loaders
+
+    data, saved = {}, cfg.get("data_fingerprint")
+    for dataset in cfg["runs"]:
+        where.stage = f"preparing {dataset}"
+        try:
+            train_loader, val_loader, tokenizer, info = build_loaders(
+                dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
+                batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
+                max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"], cache_dir=str(cache),
+                seed=cfg["seed"], num_workers=cfg["num_workers"])
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        check_token_ids(dataset, train_loader, val_loader, info)
+        fingerprint = data_fingerprint(train_loader, val_loader, tokenizer)
+        if saved is not None:
+            check_same_data(cfg, dataset, saved[dataset], fingerprint)
+        cfg.setdefault("data_fingerprint", {})[dataset] = fingerprint
+        info["unigram_val_ppl"] = unigram_perplexity(train_loader.dataset.blocks, val_loader.dataset.blocks,
+                                                     info["vocab_size"])
+        print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "
+              f"vocab {info['vocab_size']:,}, unigram validation PPL {info['unigram_val_ppl']:.2f}")
+        data[dataset] = (train_loader, val_loader, info)
+    return data
+
+
+def check_token_ids(dataset: str, train_loader, val_loader, info: dict) -> None:
+    """Checked once here, so the models skip their per-step range checks (a device sync each)."""
+    for split, loader in (("train", train_loader), ("validation", val_loader)):
+        blocks = loader.dataset.blocks
+        lo, hi = int(blocks.min()), int(blocks.max())
+        if lo < 0 or hi >= info["vocab_size"]:
+            raise UsageError(f"{dataset}: {split} token ids lie in [{lo}, {hi}], outside the tokenizer's "
+                             f"[0, {info['vocab_size']}); delete the tokenizer cache {info['tokenizer_path']}")
+
+
+def data_fingerprint(train_loader, val_loader, tokenizer) -> dict:
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    return {"train": sha(train_loader.dataset.blocks.contiguous().numpy()),
+            "validation": sha(val_loader.dataset.blocks.contiguous().numpy()),
+            "tokenizer": sha(tokenizer.to_str().encode("utf-8")), "vocab_size": tokenizer.get_vocab_size()}
+
+
+def check_same_data(cfg: dict, dataset: str, saved: dict, now: dict) -> None:
+    changed = [name for key, name in (("train", "train data"), ("validation", "validation data"),
+                                      ("tokenizer", "tokenizer")) if saved[key] != now[key]]
+    if saved["vocab_size"] != now["vocab_size"] and "tokenizer" not in changed:
+        changed.append("tokenizer")
+    if changed:
+        source = cfg["data_dirs"].get(dataset, "the hub" if dataset != "synthetic" else "the generator")
+        what = ", ".join(changed[:-1]) + (" and " if len(changed) > 1 else "") + changed[-1]
+        raise UsageError(f"--resume {cfg['out_dir']}: the {what} of {dataset} ({source}) changed "
+                         "since the run started; restore them, or start a fresh run with another --out-dir")
+
+
+def unigram_perplexity(train_blocks: torch.Tensor, val_blocks: torch.Tensor, vocab_size: int) -> float:
+    """Validation PPL of a model that knows only the train split's token frequencies (add-one).
+
+    The floor any LM must beat: a model at this PPL has learned no context at all.
+    """
+    counts = torch.bincount(train_blocks[:, 1:].reshape(-1), minlength=vocab_size).double() + 1.0
+    log_p = (counts / counts.sum()).log()
+    return math.exp(-log_p[val_blocks[:, 1:].reshape(-1)].mean().item())
+
+
+def write_unigram(data: dict, out_dir: Path) -> int:
+    keys = ("unigram_val_ppl", "vocab_size", "tokenizer_splits", "tokens", "block_size", "rows")
+    atomic_write_json(out_dir / "unigram.json", {d: {k: info[k] for k in keys} for d, (_, _, info) in data.items()})
+    print(f"unigram reference: {out_dir / 'unigram.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# The run: checked whole before it starts, then one (dataset, seed, model) after another.
+
+
+def planned_runs(cfg: dict) -> list[tuple[str, int, str]]:
+    return [(d, seed, m) for d, models in cfg["runs"].items() for seed in cfg["seeds"] for m in models]
+
+
+def run_name(cfg: dict, dataset: str, model_name: str) -> str:
+    """<dataset>-<model>, plus -seed<S> when the run has several seeds."""
+    seeds = cfg.get("seeds", [cfg["seed"]])
+    return f"{dataset}-{model_name}" + (f"-seed{cfg['seed']}" if len(seeds) > 1 else "")
+
+
+def checkpoint_path(cfg: dict, dataset: str, model_name: str) -> Path:
+    return Path(cfg["out_dir"]) / "checkpoints" / f"{run_name(cfg, dataset, model_name)}.pt"
+
+
+def preflight(cfg: dict, data: dict, device: torch.device, where: Where) -> None:
+    """Before anything is written: every model can be allocated, and every checkpoint of the
+    run is readable and loads into its model, optimizer and scheduler."""
+    for dataset, models in cfg["runs"].items():
+        train_loader, _, info = data[dataset]
+        for model_name in models:
+            where.stage = f"checking {dataset}/{model_name}"
+            seeded = {**cfg, "seed": cfg["seeds"][0]}
+            t = build_training(seeded, model_name, info["vocab_size"], len(train_loader), device)
+            for seed in cfg["seeds"]:
+                path = checkpoint_path({**cfg, "seed": seed}, dataset, model_name)
+                if path.exists():
+                    load_checkpoint(t, train_loader, path, device, cfg["epochs"])
+            del t
+            free_memory(device)
+
+
+def start_run(cfg: dict, args: argparse.Namespace, explicit: set[str], where: Where) -> None:
+    """A fresh run writes its config.json (with the data fingerprint) now, and only now."""
+    if not args.resume:
+        atomic_write_json(Path(cfg["out_dir"]) / "config.json", cfg)
+    where.resume_command = resume_command(cfg, args, explicit)
+
+
+def resume_command(cfg: dict, args: argparse.Namespace, explicit: set[str]) -> str:
+    """The command that continues this run, with the flags given that --resume accepts."""
+    command = ["python", "benchmark.py", "--resume", cfg["out_dir"]]
+    for key in ("device", "num_workers", "cache_dir", "wandb", "wandb_project"):  # RESUME_FLAGS, in order
+        if key in explicit:
+            command += [flag(key), str(getattr(args, key))]
+    return " ".join(shlex.quote(c) for c in command)
+
+
+def run_all(cfg: dict, data: dict, device: torch.device, logger: "WandbLogger", where: Where) -> list[dict]:
+    """Train every planned run; results are rewritten after each. On --resume the published
+    records of an earlier session stay until replaced, so a failure never shrinks them."""
+    out_dir = Path(cfg["out_dir"])
+    published = read_published(out_dir)
+    for dataset, seed, model_name in planned_runs(cfg):
+        record = run_one({**cfg, "seed": seed}, dataset, model_name, data[dataset], device, logger, where)
+        published[(dataset, model_name, seed)] = record
+        records = [published[k] for k in [(d, m, s) for d, s, m in planned_runs(cfg)] if k in published]
+        write_results(records, out_dir)
+        if record["status"] == "diverged":
+            raise DivergedError(record["error"])
+    return records
+
+
+def read_published(out_dir: Path) -> dict:
+    try:
+        records = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+        return {(r["dataset"], r["model"], r["seed"]): r for r in records}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}  # none yet, or unreadable: it is rebuilt from the checkpoints
+
+
+def write_results(records: list[dict], out_dir: Path) -> None:
+    atomic_write_json(out_dir / "results.json", records)
+    if any(r["model"] in ("gam", "transformer", "mamba") for r in records):
+        atomic_write_text(out_dir / "table1.md", table1_markdown(records))
+    if len({r["model"] for r in records if r["model"] in GAM_VARIANTS}) > 1:
+        atomic_write_text(out_dir / "table3.md", table3_markdown(records))
+    if any(r["epochs"] for r in records):
+        plot_curves(records, out_dir / "curves.png")
+
+
+# ---------------------------------------------------------------------------------------
+# One (dataset, seed, model): build, resume, train and evaluate each epoch, checkpoint, summarize.
+
+
+@dataclass
+class Training:
+    """What one run updates step by step, and the stats of its finished epochs."""
+    model: torch.nn.Module
+    model_config: ModelConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    epochs: list = field(default_factory=list)
+
+
+def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
+    """Train and evaluate one model on one dataset, resuming from its checkpoint if present."""
+    train_loader, val_loader, info = data
+    train_loader.generator.manual_seed(cfg["seed"])
+    train_loader.sampler.seed = cfg["seed"]  # with --seeds, each seed has its own data order
+    t = build_training(cfg, model_name, info["vocab_size"], len(train_loader), device)
+    path = checkpoint_path(cfg, dataset, model_name)
+    if path.is_file():
+        load_checkpoint(t, train_loader, path, device, cfg["epochs"])
+        print(f"  resumed {dataset}/{model_name} after epoch {len(t.epochs)} from {path}")
+    record = new_record(cfg, dataset, model_name, t, info, device)
+    print(f"  {model_name}: {record['params']:,} parameters ({record['implementation']}) on {dataset}")
+    run = logger.start(run_name(cfg, dataset, model_name), record)
+    try:
+        train_and_evaluate(t, cfg, (train_loader, val_loader), device, path, run, where, f"{dataset}/{model_name}")
+    except DivergedError as e:
+        record["status"] = "diverged"
+        record["error"] = (f"{dataset}/{model_name}: {e}; stopped. Last good checkpoint: "
+                           f"{path if path.is_file() else 'none (it diverged in its first epoch)'}")
+    except BaseException:
+        run.finish(record, exit_code=1)
+        raise
+    if record["status"] != "diverged":
+        summarize(record)
+    run.finish(record)
+    return record
+
+
+def build_training(cfg: dict, model_name: str, vocab_size: int, n_batches: int, device: torch.device) -> Training:
+    torch.manual_seed(cfg["seed"])  # the same init for a model whatever ran before it
+    try:
+        model, mc = build_model(cfg, model_name, vocab_size, device, cfg["mamba_impl"])
+    except (ValueError, ImportError) as e:  # e.g. --mamba-impl mamba_ssm without CUDA or the package
+        raise UsageError(f"cannot build {model_name}: {one_line(e)} (see --mamba-impl)") from None
+    except (MemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        raise UsageError(f"not enough memory to build {model_name} with --n-embed {cfg['n_embed']}, --n-layer "
+                         f"{cfg['n_layer']}, vocabulary {vocab_size} ({one_line(e)}); choose a smaller --n-embed "
+                         "(or --n-layer, --num-memory-slots, --vocab-size)") from None
+    setattr(model, "check_inputs", False)  # ids checked once at load time (check_token_ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  weight_decay=cfg["weight_decay"])
+    steps = steps_per_epoch(cfg, n_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup_steps"], cfg["epochs"] * steps))
+    return Training(model, mc, optimizer, scheduler, steps)
+
+
+def steps_per_epoch(cfg: dict, n_batches: int) -> int:
+    """Batches per epoch: all of them, or the first ones of each epoch's shuffled order with
+    --max-train-blocks. The scheduler's length and the training loop both use this."""
+    if not cfg["max_train_blocks"]:
+        return n_batches
+    return min(n_batches, math.ceil(cfg["max_train_blocks"] / cfg["batch_size"]))
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -268,18 +705,58 @@ def build_model(cfg: dict, model_name: str, vocab_size: int, device: torch.devic
     return model.to(device), mc
 
 
-def rng_state(train_loader) -> dict:
-    state = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run, where: Where, name: str) -> None:
+    """The remaining epochs: train, evaluate, then checkpoint (so a kill loses one epoch at most)."""
+    train_loader, val_loader = loaders
+    for epoch in range(len(t.epochs), cfg["epochs"]):
+        where.stage = f"{name} epoch {epoch + 1}/{cfg['epochs']}"
+        train_loader.sampler.set_epoch(epoch)  # this epoch's order: a function of (seed, epoch)
+        train_loss, seconds, tokens = train_epoch(t, train_loader, cfg, device, where.stage, run.log)
+        val_loss, val_by_position = evaluate(t.model, val_loader, device)
+        if not math.isfinite(val_loss):
+            raise DivergedError(f"non-finite validation loss ({val_loss}) after epoch {epoch + 1}")
+        stats = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                 "val_ppl": math.exp(min(val_loss, 700.0)), "epoch_time_s": seconds,
+                 "tokens_per_s": tokens / seconds, "val_loss_by_position": val_by_position}
+        t.epochs.append(stats)
+        run.log({f"epoch/{k}": v for k, v in stats.items() if k != "val_loss_by_position"})
+        print(f"  epoch {epoch + 1}/{cfg['epochs']}: train {train_loss:.4f} | val {val_loss:.4f} "
+              f"| ppl {stats['val_ppl']:.2f} | {seconds:.1f} s | {stats['tokens_per_s']:,.0f} tok/s")
+        save_checkpoint(t, train_loader, path)
 
 
-def set_rng_state(state: dict, train_loader) -> None:
-    torch.set_rng_state(state["torch"])
-    train_loader.generator.set_state(state["loader"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str, log_step):
+    """One epoch of t.steps_per_epoch steps; returns (mean train loss, wall time of the loop, tokens)."""
+    from tqdm import tqdm
+
+    t.model.train()
+    total, tokens = 0.0, 0
+    sync(device)
+    start = time.perf_counter()
+    batches = iter(loader)  # one iterator: the loader (and its workers) start once per epoch
+    # A bar on terminals only (disable=None); closed on any exit, so a Ctrl-C line reads clean.
+    with tqdm(total=t.steps_per_epoch, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+              disable=None) as bar:
+        for _ in range(t.steps_per_epoch):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t.optimizer.zero_grad(set_to_none=True)
+            _, loss = t.model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
+            t.optimizer.step()
+            t.scheduler.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DivergedError(f"non-finite training loss ({value}) at step {t.scheduler.last_epoch}")
+            total, tokens = total + value, tokens + x.numel()
+            lr = t.scheduler.get_last_lr()[0]
+            bar.update()
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", refresh=False)
+            log_step({"train/loss": value, "train/lr": lr, "step": t.scheduler.last_epoch})
+    del batches  # with --max-train-blocks it is left unfinished; this stops its workers now
+    sync(device)
+    return total / t.steps_per_epoch, time.perf_counter() - start, tokens
 
 
 @torch.no_grad()
@@ -304,211 +781,160 @@ def evaluate(model, loader, device) -> tuple[float, list[float]]:
     return sum(losses) / len(losses), by_position
 
 
-def train_epoch(model, loader, optimizer, scheduler, cfg, device, desc, log_step):
-    """One epoch; returns (mean train loss, wall time of the training loop, tokens seen)."""
-    from tqdm.auto import tqdm
-
-    model.train()
-    total, n, tokens = 0.0, 0, 0
-    limit = cfg["max_train_blocks"]
-    steps = len(loader) if not limit else min(len(loader), math.ceil(limit / cfg["batch_size"]))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    bar = tqdm(loader, total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
-    for x, y in bar:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise DivergedError(f"non-finite training loss ({value}) at step {scheduler.last_epoch}")
-        total, n, tokens = total + value, n + 1, tokens + x.numel()
-        lr = scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", refresh=False)
-        log_step({"train/loss": value, "train/lr": lr, "step": scheduler.last_epoch})
-        if n == steps:  # --max-train-blocks: a shuffled subset of the blocks each epoch
-            break
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return total / max(1, n), time.perf_counter() - start, tokens
+def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict, device) -> dict:
+    model = t.model
+    return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
+            "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
+            "status": "running", "epochs": t.epochs, "model_config": t.model_config.to_dict(), "data": info,
+            **run_metadata(device), "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
 
 
-def run_name(cfg: dict, dataset: str, model_name: str) -> str:
-    """<dataset>-<model>, plus -seed<S> when the run has several seeds."""
-    seeds = cfg.get("seeds", [cfg["seed"]])
-    return f"{dataset}-{model_name}" + (f"-seed{cfg['seed']}" if len(seeds) > 1 else "")
+def is_paper_config(cfg: dict, dataset: str, info: dict) -> bool:
+    """True when a run used the paper's full setup and data, so its numbers sit beside the paper's."""
+    same = all(cfg.get(k) == v for k, v in PAPER_HPARAMS.items() if k != "seed")
+    return same and PAPER_ROWS.get(dataset) == (info["rows"]["train"], info["rows"]["validation"])
 
 
-def run_one(cfg, dataset, model_name, loaders, info, device, logger) -> dict:
-    """Train and evaluate one model on one dataset, resuming from its checkpoint if present."""
-    train_loader, val_loader = loaders
-    ckpt_path = Path(cfg["out_dir"]) / "checkpoints" / f"{run_name(cfg, dataset, model_name)}.pt"
-    torch.manual_seed(cfg["seed"])  # the same init for a model whatever ran before it
-    train_loader.generator.manual_seed(cfg["seed"])
-    model, mc = build_model(cfg, model_name, info["vocab_size"], device, cfg["mamba_impl"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                                  weight_decay=cfg["weight_decay"])
-    steps_per_epoch = len(train_loader)
-    if cfg["max_train_blocks"]:
-        steps_per_epoch = min(steps_per_epoch, math.ceil(cfg["max_train_blocks"] / cfg["batch_size"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg["warmup_steps"], cfg["epochs"] * steps_per_epoch))
-    record = {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
-              "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
-              "status": "running", "epochs": [],
-              "model_config": mc.to_dict(), "data": info, **run_metadata(device), "config": cfg}
-
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"], train_loader)
-        record["epochs"] = ckpt["epochs"]
-        print(f"  resumed {dataset}/{model_name} after epoch {len(record['epochs'])} from {ckpt_path}")
-
-    print(f"  {model_name}: {record['params']:,} parameters ({record['implementation']}) on {dataset}")
-    run = logger.start(run_name(cfg, dataset, model_name), record)
-    try:
-        for epoch in range(len(record["epochs"]), cfg["epochs"]):
-            desc = f"{dataset}/{model_name} epoch {epoch + 1}/{cfg['epochs']}"
-            train_loader.sampler.set_epoch(epoch)  # this epoch's order: a function of (seed, epoch)
-            train_loss, seconds, tokens = train_epoch(model, train_loader, optimizer, scheduler, cfg, device,
-                                                      desc, run.log)
-            val_loss, val_by_position = evaluate(model, val_loader, device)
-            if not math.isfinite(val_loss):
-                raise DivergedError(f"non-finite validation loss ({val_loss}) after epoch {epoch + 1}")
-            stats = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                     "val_ppl": math.exp(min(val_loss, 700.0)), "epoch_time_s": seconds,
-                     "tokens_per_s": tokens / seconds, "val_loss_by_position": val_by_position}
-            record["epochs"].append(stats)
-            run.log({f"epoch/{k}": v for k, v in stats.items() if k != "val_loss_by_position"})
-            print(f"  epoch {epoch + 1}/{cfg['epochs']}: train {train_loss:.4f} | val {val_loss:.4f} "
-                  f"| ppl {stats['val_ppl']:.2f} | {seconds:.1f} s | {stats['tokens_per_s']:,.0f} tok/s")
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "rng": rng_state(train_loader),
-                               "epochs": record["epochs"]}, ckpt_path)
-    except DivergedError as e:
-        record["status"] = "diverged"
-        record["error"] = (f"{dataset}/{model_name}: {e}; stopped. Last good checkpoint: "
-                           f"{ckpt_path if ckpt_path.is_file() else 'none (it diverged in its first epoch)'}")
-        run.finish(record)
-        return record
+def summarize(record: dict) -> None:
     ep = record["epochs"]
     record.update(status="done", final_val_loss=ep[-1]["val_loss"], final_val_ppl=ep[-1]["val_ppl"],
                   best_val_ppl=min(e["val_ppl"] for e in ep),
                   mean_epoch_time_s=sum(e["epoch_time_s"] for e in ep) / len(ep))
-    run.finish(record)
-    return record
 
 
 # ---------------------------------------------------------------------------------------
-# Results
+# Checkpoints: written atomically at every epoch end; read back only as tensors and plain
+# containers (weights_only=True), so a file from elsewhere cannot run code here.
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "epochs"}
+EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_ppl", "epoch_time_s", "tokens_per_s"}
 
 
-# Rows (train, validation) the paper's runs saw: WikiText-2 whole, TinyStories capped.
-PAPER_ROWS = {"wikitext2": (36718, 3760), "tinystories": (50000, 5000)}
+def save_checkpoint(t: Training, train_loader, path: Path) -> None:
+    atomic_torch_save({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                       "scheduler": t.scheduler.state_dict(), "rng": rng_state(train_loader),
+                       "epochs": t.epochs}, path)
 
 
-def unigram_perplexity(train_blocks: torch.Tensor, val_blocks: torch.Tensor, vocab_size: int) -> float:
-    """Validation PPL of a model that knows only the train split's token frequencies (add-one).
-
-    The floor any LM must beat: a model at this PPL has learned no context at all.
-    """
-    counts = torch.bincount(train_blocks[:, 1:].reshape(-1), minlength=vocab_size).double() + 1.0
-    log_p = (counts / counts.sum()).log()
-    return math.exp(-log_p[val_blocks[:, 1:].reshape(-1)].mean().item())
-
-
-def is_paper_config(record: dict) -> bool:
-    """True when a run used the paper's full setup, so its numbers sit beside the paper's."""
-    cfg, rows = record["config"], record["data"]["rows"]
-    same = all(cfg.get(k) == v for k, v in PAPER_HPARAMS.items() if k != "seed")
-    return same and PAPER_ROWS.get(record["dataset"]) == (rows["train"], rows["validation"])
+def load_checkpoint(t: Training, train_loader, path: Path, device: torch.device, max_epochs: int) -> None:
+    ckpt = read_checkpoint(path, device, max_epochs)
+    try:
+        t.model.load_state_dict(ckpt["model"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"], train_loader)
+    except Exception as e:
+        raise UsageError(unusable_checkpoint(path, one_line(e), "does not fit this run")) from None
+    t.epochs[:] = ckpt["epochs"]
 
 
-def fmt(x, spec=".4f") -> str:
-    return "—" if x is None else format(x, spec)
+def read_checkpoint(path: Path, device: torch.device, max_epochs: int) -> dict:
+    try:
+        with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: not ours to print
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = ("it holds Python objects other than tensors and plain containers, which are not loaded"
+               if "weights only" in str(e).lower() else one_line(e))
+        raise UsageError(unusable_checkpoint(path, why)) from None
+    except Exception as e:  # empty, truncated or garbage files raise many kinds of errors
+        raise UsageError(unusable_checkpoint(path, one_line(e) or type(e).__name__)) from None
+    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
+        raise UsageError(unusable_checkpoint(path, "not a benchmark.py checkpoint"))
+    epochs = ckpt["epochs"]
+    if not (isinstance(epochs, list) and len(epochs) <= max_epochs
+            and all(isinstance(e, dict) and EPOCH_KEYS <= set(e) for e in epochs)):
+        raise UsageError(unusable_checkpoint(path, f"its epoch list does not fit a run of {max_epochs} epochs"))
+    return ckpt
 
 
-def table1_markdown(records: list[dict]) -> str:
-    rows = [r for r in records if r["model"] in ("gam", "transformer", "mamba")]
-    lines = ["| Dataset | Model | Params | Time / epoch (s) | Val loss | Val PPL | "
-             "Paper params | Paper time / epoch (s) | Paper val loss | Paper val PPL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    notes = set()
-    for r in rows:
-        paper = PAPER_TABLE1.get((r["dataset"], r["model"])) if is_paper_config(r) else None
-        if paper is None and (r["dataset"], r["model"]) in PAPER_TABLE1:
-            notes.add("Paper columns are left empty where our configuration differs from the paper's "
-                      "(scaled-down preset, data subset or changed flags): those numbers are not comparable.")
-        elif paper is None:
-            notes.add(f"The paper reports no {r['model']} run on {r['dataset']}.")
-        p = paper or {}
-        lines.append(f"| {r['dataset']} | {r['model']} ({r['implementation']}) | {r['params'] / 1e6:.2f} M | "
-                     f"{fmt(r.get('mean_epoch_time_s'), '.1f')} | {fmt(r.get('final_val_loss'))} | "
-                     f"{fmt(r.get('final_val_ppl'), '.2f')} | {p.get('params', '—')} | "
-                     f"{fmt(p.get('epoch_time_s'), '.1f')} | {fmt(p.get('val_loss'))} | {fmt(p.get('val_ppl'), '.2f')} |")
-    unigram = {r["dataset"]: r["data"].get("unigram_val_ppl") for r in rows}
-    notes.update(f"Reference: a unigram model (train token frequencies, add-one smoothing) has validation "
-                 f"PPL {ppl:.2f} on {d} with this tokenizer." for d, ppl in unigram.items() if ppl)
-    return "\n".join(lines + [""] + sorted(notes)) + "\n"
+def unusable_checkpoint(path: Path, why: str, what: str = "is unreadable") -> str:
+    if "weights_only" in why:  # torch's advice to unpickle anything is not ours to repeat
+        why = "not loadable as tensors"
+    return f"checkpoint {path} {what} ({why}): delete it to retrain that model from scratch, or restore it"
 
 
-def table3_markdown(records: list[dict]) -> str:
-    lines = ["| Model configuration | Gating | Local | Global | Params | Best val PPL | Paper params | Paper best val PPL |",
-             "|---|:-:|:-:|:-:|---|---|---|---|"]
-    mark = lambda b: "yes" if b else "no"  # noqa: E731
-    for r in records:
-        if r["model"] not in GAM_VARIANTS:
-            continue
-        sw = GAM_VARIANTS[r["model"]]
-        paper = PAPER_TABLE3[r["model"]] if is_paper_config(r) and r["dataset"] == "wikitext2" else {}
-        lines.append(f"| {r['model']} ({r['dataset']}) | {mark(sw['USE_GATE'])} | {mark(sw['USE_LOCAL'])} | "
-                     f"{mark(sw['USE_GLOBAL'])} | {r['params'] / 1e6:.2f} M | {fmt(r.get('best_val_ppl'), '.2f')} | "
-                     f"{paper.get('params', '—')} | {fmt(paper.get('best_val_ppl'), '.2f')} |")
-    return "\n".join(lines) + "\n"
+def rng_state(train_loader) -> dict:
+    state = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        for r in records:
-            if r["dataset"] == dataset and r["epochs"]:
-                ax.plot([e["epoch"] for e in r["epochs"]], [e["val_ppl"] for e in r["epochs"]], "o-", label=r["model"])
-        ax.set(title=dataset, xlabel="epoch", ylabel="validation perplexity", yscale="log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
-    plt.close(fig)
-
-
-def write_results(records: list[dict], out_dir: Path) -> None:
-    atomic_write_json(out_dir / "results.json", records)
-    if any(r["model"] in ("gam", "transformer", "mamba") for r in records):
-        atomic_write_text(out_dir / "table1.md", table1_markdown(records))
-    if sum(r["model"] in GAM_VARIANTS for r in records) > 1:
-        atomic_write_text(out_dir / "table3.md", table3_markdown(records))
-    if any(r["epochs"] for r in records):
-        plot_curves(records, out_dir / "curves.png")
+def set_rng_state(state: dict, train_loader) -> None:
+    # .cpu(): map_location moved every tensor of the checkpoint to the device; RNG states live on the CPU.
+    torch.set_rng_state(state["torch"].cpu())
+    train_loader.generator.set_state(state["loader"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------------------------------
-# Weights & Biases (optional; never requires an account)
+# Failures: one line each.
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line, of readable length."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def failure_line(e: BaseException, where: Where) -> str:
+    saved = f"; every finished epoch is saved ({where.resume_command})" if where.resume_command else ""
+    if isinstance(e, OSError):
+        return f"failed during {where.stage}: {e}{saved}"
+    return (f"out of memory during {where.stage} ({one_line(e)}); start a fresh run with a smaller "
+            f"--batch-size or --n-embed{saved}")
+
+
+def interrupted_line(where: Where) -> str:
+    if where.resume_command:
+        return (f"interrupted during {where.stage}; every finished epoch is saved. "
+                f"Resume with: {where.resume_command}")
+    return f"interrupted during {where.stage}; nothing was written"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# Weights & Biases: optional, decided once before training, never waited on for long, silent.
+
+
+def resolve_wandb_mode(requested: str | None, out_dir: str) -> str:
+    """offline / disabled as asked; online only with a login and a server that answers."""
+    if requested in ("offline", "disabled"):
+        return requested
+    if not wandb_logged_in():
+        if requested == "online":
+            raise UsageError("--wandb online needs a wandb login (`wandb login`, or WANDB_API_KEY); "
+                             "or log locally with --wandb offline")
+        return "disabled"
+    url = wandb_url()
+    why = wandb_unreachable(url)
+    if why is None:
+        return "online"
+    if requested == "online":
+        raise UsageError(f"--wandb online: {url} cannot be reached ({why}); check the network, "
+                         "or log locally with --wandb offline")
+    print(f"benchmark.py: warning: {url} cannot be reached ({why}); logging to wandb offline in "
+          f"{os.path.join(out_dir, 'wandb')} (upload later with `wandb sync`)", file=sys.stderr)
+    return "offline"
 
 
 def wandb_logged_in() -> bool:
@@ -522,99 +948,72 @@ def wandb_logged_in() -> bool:
     return any("wandb" in h for h in hosts)
 
 
+def wandb_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def wandb_unreachable(url: str) -> str | None:
+    """None when url answers at all (any HTTP status), else why not. Run in a thread joined
+    with a timeout, because a name lookup is not bounded by the socket timeout."""
+    outcome: dict = {}
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=WANDB_PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # an HTTP error is an answer: the server is there
+        except Exception as e:
+            outcome["why"] = one_line(getattr(e, "reason", None) or e)
+            return
+        outcome["ok"] = True
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(WANDB_PROBE_TIMEOUT_S + 1)
+    return None if outcome.get("ok") else outcome.get("why", f"no answer within {WANDB_PROBE_TIMEOUT_S:g} s")
+
+
 class WandbLogger:
-    """One wandb run per (dataset, model); a no-op when mode is 'disabled'."""
+    """One wandb run per (dataset, seed, model); a no-op when mode is 'disabled'."""
 
-    class _Run:
-        def __init__(self, run=None):
-            self.run = run
+    def __init__(self, mode: str, project: str, out_dir: str):
+        self.mode, self.project, self.out_dir = mode, project, out_dir
 
-        def log(self, metrics: dict) -> None:
-            if self.run is not None:
-                self.run.log(metrics)
-
-        def finish(self, record: dict) -> None:
-            if self.run is not None:
-                keys = ("params", "implementation", "status", "final_val_loss", "final_val_ppl", "best_val_ppl",
-                        "mean_epoch_time_s", "error")
-                self.run.summary.update({k: record[k] for k in keys if k in record})
-                self.run.finish()
-
-    def __init__(self, mode: str | None, project: str, out_dir: Path):
-        self.mode = mode or ("online" if wandb_logged_in() else "offline")
-        self.project, self.out_dir = project, out_dir
-
-    def start(self, name: str, record: dict) -> "WandbLogger._Run":
+    def start(self, name: str, record: dict) -> "WandbRun":
         if self.mode == "disabled":
-            return self._Run()
+            return WandbRun()
         import wandb
 
+        # silent/quiet/console="off": wandb prints nothing into our output; init_timeout bounds a hang.
+        settings = wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True, quiet=True, console="off",
+                                  show_info=False, show_warnings=False)
         config = {k: v for k, v in record.items() if k not in ("epochs", "status")}
-        run = wandb.init(project=self.project, name=name, mode=self.mode, dir=str(self.out_dir),
-                         config=config, reinit="finish_previous")
-        return self._Run(run)
-
-
-# ---------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = {k for k, v in vars(args).items() if v is not None and v != parser.get_default(k)}
-    try:
-        cfg = resolve_config(args, explicit)
-        device = resolve_device(args.device)
-        out_dir = Path(cfg["out_dir"])
-        logger = WandbLogger(args.wandb, args.wandb_project, out_dir)
-        print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {out_dir}, wandb {logger.mode}")
-        run_all(cfg, device, logger, args)
-    except UsageError as e:
-        print(f"benchmark.py: error: {e}", file=sys.stderr)
-        return 2
-    except DivergedError as e:
-        print(f"benchmark.py: {e}", file=sys.stderr)
-        return 1
-    if args.unigram_only:
-        print(f"unigram reference: {out_dir / 'unigram.json'}")
-        return 0
-    print((out_dir / "table1.md").read_text() if (out_dir / "table1.md").exists() else "")
-    print(f"results: {out_dir / 'results.json'}")
-    return 0
-
-
-def run_all(cfg: dict, device: torch.device, logger: WandbLogger, args) -> list[dict]:
-    from data import DataError, build_loaders
-
-    out_dir, records, unigram = Path(cfg["out_dir"]), [], {}
-    for dataset, models in cfg["runs"].items():
         try:
-            train_loader, val_loader, _, info = build_loaders(
-                dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
-                batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
-                max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"],
-                cache_dir=args.cache_dir or str(Path(__file__).resolve().parent / ".cache"),
-                seed=cfg["seed"], num_workers=args.num_workers)
-        except DataError as e:
-            raise UsageError(str(e)) from None
-        atomic_write_json(out_dir / "config.json", cfg)  # only once the data is known to load
-        info["unigram_val_ppl"] = unigram_perplexity(train_loader.dataset.blocks, val_loader.dataset.blocks,
-                                                     info["vocab_size"])
-        print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "
-              f"vocab {info['vocab_size']:,}, unigram validation PPL {info['unigram_val_ppl']:.2f}")
-        if args.unigram_only:
-            unigram = {**unigram, dataset: {k: info[k] for k in ("unigram_val_ppl", "vocab_size", "tokenizer_splits",
-                                                                 "tokens", "block_size", "rows")}}
-            atomic_write_json(out_dir / "unigram.json", unigram)
-            continue
-        for seed in cfg.get("seeds", [cfg["seed"]]):
-            for model_name in models:
-                seeded = {**cfg, "seed": seed}
-                records.append(run_one(seeded, dataset, model_name, (train_loader, val_loader), info, device, logger))
-                write_results(records, out_dir)
-                if records[-1]["status"] == "diverged":
-                    raise DivergedError(records[-1]["error"])
-    return records
+            run = wandb.init(project=self.project, name=name, mode=self.mode, dir=self.out_dir, config=config,
+                             reinit="finish_previous", settings=settings)
+        except Exception as e:  # e.g. the server went away since the probe: training matters more
+            print(f"benchmark.py: warning: wandb did not start ({one_line(e)}); continuing without it",
+                  file=sys.stderr)
+            self.mode = "disabled"
+            return WandbRun()
+        return WandbRun(run)
+
+
+class WandbRun:
+    SUMMARY = ("params", "implementation", "status", "final_val_loss", "final_val_ppl", "best_val_ppl",
+               "mean_epoch_time_s", "error")
+
+    def __init__(self, run=None):
+        self.run = run
+
+    def log(self, metrics: dict) -> None:
+        if self.run is not None:
+            self.run.log(metrics)
+
+    def finish(self, record: dict, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.summary.update({k: record[k] for k in self.SUMMARY if k in record})
+            self.run.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":

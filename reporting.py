@@ -1,13 +1,16 @@
-"""Small helpers shared by benchmark.py and scale.py: atomic writes and run metadata."""
+"""What benchmark.py and scale.py share: atomic writes, run metadata, the paper's tables
+(restated from shared/SPEC.md section 4), our tables beside them, and figures."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import subprocess
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -104,3 +107,154 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's numbers (arXiv:2509.00605), printed beside ours; never copied into our results.
+
+PAPER_TABLE1 = {  # final epoch
+    ("wikitext2", "transformer"): {"params": "24.2 M", "epoch_time_s": 131.9, "val_loss": 6.8233, "val_ppl": 918.99},
+    ("wikitext2", "mamba"): {"params": "20.5 M", "epoch_time_s": 127.1, "val_loss": 6.9251, "val_ppl": 1017.54},
+    ("wikitext2", "gam"): {"params": "22.6 M", "epoch_time_s": 117.2, "val_loss": 6.7828, "val_ppl": 882.57},
+    ("tinystories", "transformer"): {"params": "24.2 M", "epoch_time_s": 671.6, "val_loss": 3.1591, "val_ppl": 23.55},
+    ("tinystories", "gam"): {"params": "22.6 M", "epoch_time_s": 601.4, "val_loss": 3.1418, "val_ppl": 23.15},
+}
+PAPER_TABLE3 = {  # WikiText-2, best validation PPL over the epochs
+    "gam": {"params": "22.6 M", "best_val_ppl": 900.84},
+    "gam-global-only": {"params": "19.4 M", "best_val_ppl": 905.45},
+    "gam-sum-fusion": {"params": "19.4 M", "best_val_ppl": 942.59},
+    "gam-local-only": {"params": "17.9 M", "best_val_ppl": 944.70},
+}
+# One block, forward + backward, batch 16, d_model 512, 8 heads, fp16 autocast, unnamed GPU.
+# seq_len -> (time ms, peak memory MB), or None where the paper reports OOM.
+PAPER_TABLE2 = {
+    "gam": {256: (8.97, 179.42), 512: (13.09, 325.48), 1024: (25.86, 617.60),
+            2048: (51.94, 1201.85), 4096: (105.03, 2370.35), 8192: (217.30, 4707.35)},
+    "transformer": {256: (8.90, 216.03), 512: (23.86, 552.98), 1024: (74.19, 1964.79),
+                    2048: (279.37, 7483.92), 4096: None, 8192: None},
+}
+# Rows (train, validation) the paper's Table 1 runs saw: WikiText-2 whole, TinyStories capped.
+PAPER_ROWS = {"wikitext2": (36718, 3760), "tinystories": (50000, 5000)}
+
+
+# ---------------------------------------------------------------------------------------
+# Tables 1 and 3 of benchmark.py. A record (one dataset, model and seed) carries
+# "paper_config": True only when its run used the paper's full setup and data, and only then
+# do the paper's numbers appear beside ours. Several seeds of a (dataset, model) make one row
+# with mean ± sample standard deviation over the seeds that finished, and their count.
+
+
+def fmt(x, spec=".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def group_seeds(records: list[dict]) -> list[list[dict]]:
+    """Records grouped by (dataset, model), in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["model"]), []).append(r)
+    return list(groups.values())
+
+
+def seed_cell(group: list[dict], key: str, spec: str) -> str:
+    values = [r[key] for r in group if r.get(key) is not None]
+    if len(values) < 2:
+        return fmt(values[0] if values else None, spec)
+    return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def seed_count(group: list[dict]) -> str:
+    done = sum(r.get("status") == "done" for r in group)
+    return str(done) if done == len(group) else f"{done} of {len(group)}"
+
+
+def table1_markdown(records: list[dict]) -> str:
+    groups = [g for g in group_seeds(records) if g[0]["model"] in ("gam", "transformer", "mamba")]
+    seeds = any(len(g) > 1 for g in groups)
+    head = ["Dataset", "Model", "Params", *(["Seeds"] if seeds else []), "Time / epoch (s)", "Val loss", "Val PPL",
+            "Paper params", "Paper time / epoch (s)", "Paper val loss", "Paper val PPL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = set()
+    for g in groups:
+        r, key = g[0], (g[0]["dataset"], g[0]["model"])
+        paper = PAPER_TABLE1.get(key) if all(x.get("paper_config") for x in g) else None
+        if paper is None and key in PAPER_TABLE1:
+            notes.add("Paper columns are left empty where our configuration differs from the paper's "
+                      "(scaled-down preset, data subset or changed flags): those numbers are not comparable.")
+        elif paper is None:
+            notes.add(f"The paper reports no {r['model']} run on {r['dataset']}.")
+        p = paper or {}
+        cells = [r["dataset"], f"{r['model']} ({r['implementation']})", f"{r['params'] / 1e6:.2f} M",
+                 *([seed_count(g)] if seeds else []), seed_cell(g, "mean_epoch_time_s", ".1f"),
+                 seed_cell(g, "final_val_loss", ".4f"), seed_cell(g, "final_val_ppl", ".2f"),
+                 p.get("params", "—"), fmt(p.get("epoch_time_s"), ".1f"), fmt(p.get("val_loss")),
+                 fmt(p.get("val_ppl"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if seeds:
+        notes.add("With several seeds: mean ± sample standard deviation over the seeds that finished.")
+    unigram = {g[0]["dataset"]: g[0]["data"].get("unigram_val_ppl") for g in groups}
+    notes.update(f"Reference: a unigram model (train token frequencies, add-one smoothing) has validation "
+                 f"PPL {ppl:.2f} on {d} with this tokenizer." for d, ppl in unigram.items() if ppl)
+    return "\n".join(lines + [""] + sorted(notes)) + "\n"
+
+
+def table3_markdown(records: list[dict]) -> str:
+    groups = [g for g in group_seeds(records) if g[0]["model"] in PAPER_TABLE3]
+    seeds = any(len(g) > 1 for g in groups)
+    head = ["Model configuration", "Gating", "Local", "Global", "Params", *(["Seeds"] if seeds else []),
+            "Best val PPL", "Paper params", "Paper best val PPL"]
+    lines = ["| " + " | ".join(head) + " |", "|---|:-:|:-:|:-:|" + "---|" * (len(head) - 4)]
+    mark = lambda b: "yes" if b else "no"  # noqa: E731
+    for g in groups:
+        r, mc = g[0], g[0]["model_config"]
+        comparable = r["dataset"] == "wikitext2" and all(x.get("paper_config") for x in g)
+        paper = PAPER_TABLE3[r["model"]] if comparable else {}
+        cells = [f"{r['model']} ({r['dataset']})", mark(mc["USE_GATE"]), mark(mc["USE_LOCAL"]), mark(mc["USE_GLOBAL"]),
+                 f"{r['params'] / 1e6:.2f} M", *([seed_count(g)] if seeds else []), seed_cell(g, "best_val_ppl", ".2f"),
+                 paper.get("params", "—"), fmt(paper.get("best_val_ppl"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Figures: drawn off screen (Agg), written atomically, then freed.
+
+
+def new_figure(ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.8)):
+    """(figure, list of its ncols axes), on the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_save_figure(fig, path, **kwargs)
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
+    """Validation perplexity per epoch, one panel per dataset, one line per model and seed."""
+    import matplotlib.ticker
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in records))
+    several_seeds = len({r.get("seed") for r in records}) > 1
+    fig, axes = new_figure(len(datasets), figsize=(5.5 * len(datasets), 4))
+    for ax, dataset in zip(axes, datasets):
+        for r in records:
+            if r["dataset"] == dataset and r["epochs"]:
+                label = r["model"] + (f" seed {r.get('seed')}" if several_seeds else "")
+                ppl = [e["val_ppl"] if math.isfinite(e["val_ppl"]) else math.nan for e in r["epochs"]]
+                ax.plot([e["epoch"] for e in r["epochs"]], ppl, "o-", label=label)
+        ax.set(title=dataset, xlabel="epoch", ylabel="validation perplexity", yscale="log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)

@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from baselines import BLOCK_NAMES, build_block
-from reporting import OneLineParser, atomic_save_figure, atomic_write_text, run_metadata
+from reporting import PAPER_TABLE2, OneLineParser, atomic_write_text, new_figure, run_metadata, save_figure
 
 MODELS = BLOCK_NAMES  # gam, transformer (naive attention), transformer-sdpa, mamba
 LABELS = {"gam": "GAM", "transformer": "Transformer", "transformer-sdpa": "Transformer (SDPA)", "mamba": "Mamba"}
@@ -57,15 +57,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MIB = 2**20
 CPU_MAX_SECONDS = 60.0  # default per-point time budget on CPU (no limit on CUDA)
 
-# The paper's Table 2 (R. Acharya, arXiv:2509.00605, restated in shared/SPEC.md section 4):
-# one block, forward + backward, batch 16, d_model 512, 8 heads, fp16 autocast, unnamed GPU.
-# seq_len -> (time ms, peak memory MB), or None where the paper reports OOM.
-PAPER_TABLE2 = {
-    "gam": {256: (8.97, 179.42), 512: (13.09, 325.48), 1024: (25.86, 617.60),
-            2048: (51.94, 1201.85), 4096: (105.03, 2370.35), 8192: (217.30, 4707.35)},
-    "transformer": {256: (8.90, 216.03), 512: (23.86, 552.98), 1024: (74.19, 1964.79),
-                    2048: (279.37, 7483.92), 4096: None, 8192: None},
-}
+# The setup of the paper's Table 2 (reporting.PAPER_TABLE2): only for it are the paper's numbers shown.
 PAPER_CONFIG = {"device": "cuda", "dtype": "fp16", "batch_size": 16, "d_model": 512, "n_head": 8}
 
 MEMORY_MEASURE = {
@@ -507,11 +499,7 @@ def plot_series(rows, args, key) -> dict:
 
 
 def plot(rows, args, key, ylabel, filename, paper_index) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, (ax,) = new_figure()
     for name, pts in plot_series(rows, args, key).items():
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label(name))
@@ -530,8 +518,7 @@ def plot(rows, args, key, ylabel, filename, paper_index) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(f"one block fwd+bwd, {args.device} {args.dtype}, batch {args.batch_size}, d_model {args.d_model}")
     ax.grid(True, which="both", alpha=0.3)
-    atomic_save_figure(fig, os.path.join(args.out_dir, filename), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, os.path.join(args.out_dir, filename), dpi=120, bbox_inches="tight")
 
 
 def write_outputs(rows, args) -> str:

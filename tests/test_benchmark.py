@@ -1,4 +1,6 @@
-"""benchmark.py end to end: CLI, results schema, resume equality, divergence, wandb, bad input.
+"""benchmark.py end to end and its training loop: results schema, divergence, tables, and
+tests that fail when the loop's wiring breaks (eval mode, gradient clipping, weight decay,
+one loader iterator per epoch). Faults and bad input: test_benchmark_faults.py.
 
 Every run here uses the embedded synthetic corpus and a tiny model, so no network and no files
 outside a temporary folder are needed.
@@ -6,20 +8,19 @@ outside a temporary folder are needed.
 
 import json
 import math
-import os
-import subprocess
-import sys
+import statistics
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-import benchmark  # noqa: E402
-from gam_model import GAM_Model, ModelConfig  # noqa: E402
+import benchmark
+import reporting
+from gam_model import GAM_Model, ModelConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CPU = torch.device("cpu")
 
 
 def tiny_args(out_dir: Path, *extra: str, models=("gam",), epochs: int = 2) -> list[str]:
@@ -31,6 +32,12 @@ def tiny_args(out_dir: Path, *extra: str, models=("gam",), epochs: int = 2) -> l
     ]
 
 
+def tiny_config(out_dir: Path, *extra: str) -> dict:
+    parser = benchmark.build_parser()
+    args = parser.parse_args(tiny_args(out_dir, *extra))
+    return benchmark.resolve_config(args, benchmark.explicit_flags(parser, args))
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Deterministic and fast on a shared 2-core machine.
@@ -40,33 +47,44 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "benchmark.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """(cfg, train_loader, val_loader, info) of the tiny synthetic setup, prepared once."""
+    cfg = tiny_config(tmp_path_factory.mktemp("data") / "run")
+    data = benchmark.prepare_data(cfg, Path(cfg["out_dir"]).parent / "cache", benchmark.Where())
+    return (cfg, *data["synthetic"])
+
+
+def training(tiny_data, model_name="gam", **overrides) -> tuple[benchmark.Training, dict]:
+    cfg, train_loader, _, info = tiny_data
+    cfg = {**cfg, **overrides}
+    return benchmark.build_training(cfg, model_name, info["vocab_size"], len(train_loader), CPU), cfg
 
 
 # ---------------------------------------------------------------------------------------------
+# end to end
 
 
-def test_cli_smoke_run_writes_results(tmp_path):
+def test_smoke_run_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
-    proc = run_cli(*tiny_args(out, models=("transformer", "mamba", "gam")))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out.mkdir()  # an empty existing folder is a fine --out-dir
+    assert benchmark.main(tiny_args(out, models=("transformer", "mamba", "gam"))) == 0
+    assert "| synthetic | gam (" in capsys.readouterr().out  # the table is printed
 
     records = json.loads((out / "results.json").read_text())
     assert isinstance(records, list) and [r["model"] for r in records] == ["transformer", "mamba", "gam"]
     for r in records:
-        for key in ("dataset", "model", "params", "implementation", "epochs", "final_val_loss", "final_val_ppl",
-                    "best_val_ppl", "device", "torch_version", "git_commit", "config"):
+        for key in ("dataset", "model", "seed", "params", "implementation", "epochs", "final_val_loss",
+                    "final_val_ppl", "best_val_ppl", "device", "torch_version", "git_commit", "config", "paper_config"):
             assert key in r, key
-        assert r["dataset"] == "synthetic" and r["status"] == "done"
-        assert r["torch_version"] == torch.__version__
+        assert r["dataset"] == "synthetic" and r["status"] == "done" and r["paper_config"] is False
+        assert r["torch_version"] == torch.__version__ and r["config"]["num_workers"] == 0
         assert len(r["epochs"]) == 2
         for e in r["epochs"]:
-            assert set(e) >= {"train_loss", "val_loss", "val_ppl", "epoch_time_s", "tokens_per_s"}
+            assert set(e) >= {"train_loss", "val_loss", "val_ppl", "epoch_time_s", "tokens_per_s",
+                              "val_loss_by_position"}
             assert math.isclose(e["val_ppl"], math.exp(e["val_loss"]), rel_tol=1e-12)
-            assert e["epoch_time_s"] > 0 and e["tokens_per_s"] > 0
+            assert e["epoch_time_s"] > 0 and e["tokens_per_s"] > 0 and len(e["val_loss_by_position"]) == 32
         assert r["final_val_loss"] == r["epochs"][-1]["val_loss"]
         assert r["best_val_ppl"] == min(e["val_ppl"] for e in r["epochs"])
         # Learning happened: the validation loss is well below the uniform-guess loss.
@@ -77,50 +95,33 @@ def test_cli_smoke_run_writes_results(tmp_path):
     assert gam["model_config"]["N_EMBED"] == 16 and gam["config"]["max_train_blocks"] == 96
     assert records[1]["implementation"].startswith("mamba")
 
+    config = json.loads((out / "config.json").read_text())
+    fingerprint = config["data_fingerprint"]["synthetic"]
+    assert set(fingerprint) == {"train", "validation", "tokenizer", "vocab_size"}
+    assert fingerprint["vocab_size"] == gam["data"]["vocab_size"] and config["num_workers"] == 0
+
     table = (out / "table1.md").read_text()
     for name in ("transformer", "mamba", "gam"):
         assert f"| synthetic | {name} (" in table
     assert "The paper reports no gam run on synthetic." in table
     assert "Reference: a unigram model" in table and records[0]["data"]["unigram_val_ppl"] > 1
-    assert "882.57" not in table
+    assert "882.57" not in table and "Seeds" not in table
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "checkpoints" / "synthetic-gam.pt").is_file()
 
 
-def test_resume_reaches_the_same_numbers(tmp_path, monkeypatch):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert benchmark.main(tiny_args(straight, epochs=3)) == 0
-
-    real_train_epoch, calls = benchmark.train_epoch, {"n": 0}
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if the job were killed mid-epoch
-        return real_train_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(benchmark, "train_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        benchmark.main(tiny_args(killed, epochs=3))
-    monkeypatch.setattr(benchmark, "train_epoch", real_train_epoch)
-    ckpt = torch.load(killed / "checkpoints" / "synthetic-gam.pt", weights_only=True)
-    assert len(ckpt["epochs"]) == 1
-
-    assert benchmark.main(["--resume", str(killed), "--wandb", "disabled"]) == 0
-    a = json.loads((straight / "results.json").read_text())[0]
-    b = json.loads((killed / "results.json").read_text())[0]
-    strip = lambda ep: [{k: v for k, v in e.items() if k not in ("epoch_time_s", "tokens_per_s")} for e in ep]  # noqa: E731
-    assert strip(a["epochs"]) == strip(b["epochs"])  # bit-for-bit on CPU
-    assert a["final_val_loss"] == b["final_val_loss"]
-
-
-def test_resume_rejects_config_flags(tmp_path, capsys):
-    out = tmp_path / "r"
-    assert benchmark.main(tiny_args(out, epochs=1)) == 0
-    capsys.readouterr()
-    assert benchmark.main(["--resume", str(out), "--lr", "0.1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--lr" in err[0]
+def test_seeds_give_one_record_each_and_mean_std_tables(tmp_path):
+    out = tmp_path / "seeds"
+    assert benchmark.main(tiny_args(out, "--seeds", "3", "4", epochs=1)) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["seed"]) for r in records] == [("gam", 3), ("gam", 4)]
+    assert records[0]["final_val_loss"] != records[1]["final_val_loss"]  # other init and data order
+    for seed in (3, 4):
+        assert (out / "checkpoints" / f"synthetic-gam-seed{seed}.pt").is_file()
+    row = next(line for line in (out / "table1.md").read_text().splitlines() if line.startswith("| synthetic"))
+    losses = [r["final_val_loss"] for r in records]
+    assert f"{statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f}" in row
+    assert "| 2 |" in row  # the seed count
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -139,63 +140,75 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     out = tmp_path / "nan"
     assert benchmark.main(tiny_args(out, epochs=2)) == 1
-    err = capsys.readouterr().err
-    assert "non-finite" in err and "Last good checkpoint" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0] and "Last good checkpoint" in err[0]
     ckpt = torch.load(out / "checkpoints" / "synthetic-gam.pt", weights_only=True)
     assert len(ckpt["epochs"]) == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     record = json.loads((out / "results.json").read_text())[0]
     assert record["status"] == "diverged" and len(record["epochs"]) == 1
 
 
-def test_wandb_offline_writes_a_run(tmp_path):
-    out = tmp_path / "wb"
-    args = tiny_args(out, epochs=1)
-    args[args.index("disabled")] = "offline"
-    env_keys = {"WANDB_MODE": None, "WANDB_API_KEY": None}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmark.py"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300,
-                          env={**{k: v for k, v in os.environ.items() if k not in env_keys},
-                               "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    assert list(runs[0].glob("*.wandb")) and list(runs[0].glob("*.wandb"))[0].stat().st_size > 0
+def test_unigram_only_trains_nothing(tmp_path):
+    out = tmp_path / "u"
+    assert benchmark.main(tiny_args(out) + ["--unigram-only"]) == 0
+    unigram = json.loads((out / "unigram.json").read_text())
+    assert 1 < unigram["synthetic"]["unigram_val_ppl"] < unigram["synthetic"]["vocab_size"] * 2
+    assert sorted(p.name for p in out.iterdir()) == ["unigram.json"]  # not a run: nothing to resume
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        pytest.param(["--n-embed", "30", "--n-head", "4"], "divisible", id="heads_do_not_divide"),
-        pytest.param(["--lr", "0"], "--lr", id="zero_lr"),
-        pytest.param(["--epochs", "0"], "--epochs", id="zero_epochs"),
-        pytest.param(["--dropout", "1.5"], "--dropout", id="dropout_too_big"),
-        pytest.param(["--datasets", "wikitext2", "--data-dir", "/nonexistent/dir"], "not a folder", id="missing_dir"),
-        pytest.param(["--data-dir", "x=/tmp"], "not a selected", id="data_dir_unknown_name"),
-        pytest.param(["--preset", "nope"], "invalid choice", id="unknown_preset"),
-        pytest.param(["--batch-size", "many"], "invalid int", id="non_integer"),
-        pytest.param(["--resume", "/nonexistent/run"], "config.json", id="resume_missing"),
-        pytest.param(["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device",
-                     id="unavailable_device"),
-    ],
-)
-def test_bad_flags_exit_2_with_one_line(args, needle, capsys):
-    with pytest.raises(SystemExit) as exc:
-        sys.exit(benchmark.main(["--wandb", "disabled", *args]))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert needle in err[0] and "Traceback" not in err[0]
+# ---------------------------------------------------------------------------------------------
+# the training loop's wiring: each test fails if one line of it goes missing
 
 
-def test_unreadable_data_dir_exits_2(tmp_path):
-    (tmp_path / "only_train").mkdir()
-    (tmp_path / "only_train" / "wiki.train.raw").write_text("some text\n" * 100)
-    proc = run_cli("--preset", "cpu", "--data-dir", str(tmp_path / "only_train"), "--wandb", "disabled",
-                   "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "valid" in lines[0] and "Traceback" not in proc.stderr
-    assert not (tmp_path / "o").exists()  # nothing written half-way
+def test_evaluate_is_deterministic_under_dropout(tiny_data):
+    # evaluate() must switch dropout off itself, whatever mode the model was left in.
+    t, _ = training(tiny_data, dropout=0.5)
+    val_loader = tiny_data[2]
+    first = benchmark.evaluate(t.model, val_loader, CPU)
+    t.model.train()
+    second = benchmark.evaluate(t.model, val_loader, CPU)
+    assert first == second
+
+
+def test_gradients_are_clipped_to_the_limit(tiny_data):
+    # One step at initialisation (loss ~ log V: gradient norm far above 1e-3); the gradients
+    # stay on the parameters after the step, already clipped.
+    t, cfg = training(tiny_data, grad_clip=1e-3, max_train_blocks=8)
+    benchmark.train_epoch(t, tiny_data[1], cfg, CPU, "clip", lambda metrics: None)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.model.parameters()]))
+    assert 0 < norm <= 1e-3 * (1 + 1e-4)
+
+
+def test_weight_decay_is_applied_to_the_parameters(tiny_data):
+    # With a zero gradient AdamW's update is zero, so a step only decays: p <- p * (1 - lr * wd).
+    t, cfg = training(tiny_data, warmup_steps=0, lr=0.05, weight_decay=0.1)
+    p = t.model.blocks[0].memory_bank
+    before = p.detach().clone()
+    for q in t.model.parameters():
+        q.grad = torch.zeros_like(q)
+    t.optimizer.step()
+    assert torch.allclose(p.detach(), before * (1 - 0.05 * 0.1), rtol=0, atol=1e-7)
+    assert not torch.allclose(p.detach(), before, rtol=0, atol=1e-6)
+
+
+def test_one_loader_iterator_and_the_scheduler_steps_per_epoch(tiny_data, monkeypatch):
+    t, cfg = training(tiny_data, max_train_blocks=20)  # 20 blocks / batch 8 -> 3 steps
+    assert t.steps_per_epoch == 3
+    starts = []
+    real_iter = torch.utils.data.DataLoader.__iter__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda self: starts.append(1) or real_iter(self))
+    loss, seconds, tokens = benchmark.train_epoch(t, tiny_data[1], cfg, CPU, "steps", lambda metrics: None)
+    assert len(starts) == 1  # the loader (and its workers) start once per epoch
+    assert t.model.check_inputs is False  # ids were checked at load time: no per-step device sync
+    assert t.scheduler.last_epoch == 3 and tokens == 3 * 8 * 32 and math.isfinite(loss) and seconds > 0
+
+
+def test_token_ids_are_checked_once_at_load_time(tiny_data):
+    cfg, train_loader, val_loader, info = tiny_data
+    benchmark.check_token_ids("synthetic", train_loader, val_loader, info)  # the real data passes
+    bad = types.SimpleNamespace(dataset=types.SimpleNamespace(blocks=torch.tensor([[0, 1, info["vocab_size"]]])))
+    with pytest.raises(benchmark.UsageError, match=r"validation token ids lie in \[0, \d+\], outside"):
+        benchmark.check_token_ids("synthetic", train_loader, bad, info)
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
@@ -207,26 +220,16 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def _fake_record(dataset, model, cfg, rows):
-    return {"dataset": dataset, "model": model, "implementation": model, "params": 22_599_680, "config": cfg,
-            "data": {"rows": {"train": rows[0], "validation": rows[1]}}, "epochs": [],
-            "final_val_loss": 6.5, "final_val_ppl": math.exp(6.5), "best_val_ppl": math.exp(6.5),
-            "mean_epoch_time_s": 100.0}
+def test_unigram_perplexity_matches_hand_computation():
+    # Train targets [0, 0, 1] with add-one over V=3 -> p = [3, 2, 1] / 6; validation targets [0, 2].
+    train = torch.tensor([[9, 0, 0, 1]])
+    val = torch.tensor([[9, 0, 2]])
+    expected = math.exp(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
+    assert benchmark.unigram_perplexity(train, val, vocab_size=3) == pytest.approx(expected, rel=1e-12)
 
 
-def test_paper_numbers_shown_only_for_the_paper_config():
-    paper_cfg = dict(benchmark.PAPER_HPARAMS)
-    full = _fake_record("wikitext2", "gam", paper_cfg, (36718, 3760))
-    table = benchmark.table1_markdown([full])
-    assert "882.57" in table and "117.2" in table
-    small = _fake_record("wikitext2", "gam", {**paper_cfg, "n_embed": 128}, (36718, 3760))
-    assert "882.57" not in benchmark.table1_markdown([small])
-    subset = _fake_record("tinystories", "gam", paper_cfg, (2316, 1840))  # a subset is not the paper's data
-    assert "23.15" not in benchmark.table1_markdown([subset])
-    ablation = [_fake_record("wikitext2", m, paper_cfg, (36718, 3760)) for m in benchmark.GAM_VARIANTS]
-    t3 = benchmark.table3_markdown(ablation)
-    for ppl in ("900.84", "905.45", "942.59", "944.70"):
-        assert ppl in t3
+# ---------------------------------------------------------------------------------------------
+# config and tables
 
 
 def test_presets_and_flag_precedence(tmp_path):
@@ -242,17 +245,41 @@ def test_presets_and_flag_precedence(tmp_path):
     assert paper["runs"] == {"wikitext2": ["transformer", "mamba", "gam"], "tinystories": ["transformer", "gam"]}
 
 
-def test_unigram_perplexity_matches_hand_computation():
-    # Train targets [0, 0, 1] with add-one over V=3 -> p = [3, 2, 1] / 6; validation targets [0, 2].
-    train = torch.tensor([[9, 0, 0, 1]])
-    val = torch.tensor([[9, 0, 2]])
-    expected = math.exp(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
-    assert benchmark.unigram_perplexity(train, val, vocab_size=3) == pytest.approx(expected, rel=1e-12)
+def _fake_record(dataset, model, paper_config=True, seed=1337, loss=6.5):
+    switches = benchmark.GAM_VARIANTS.get(model, benchmark.GAM_VARIANTS["gam"])
+    return {"dataset": dataset, "model": model, "seed": seed, "implementation": model, "params": 22_599_680,
+            "paper_config": paper_config, "model_config": dict(switches), "status": "done",
+            "data": {"rows": {"train": 36718, "validation": 3760}}, "epochs": [],
+            "final_val_loss": loss, "final_val_ppl": math.exp(loss), "best_val_ppl": math.exp(loss),
+            "mean_epoch_time_s": 100.0}
 
 
-def test_unigram_only_trains_nothing(tmp_path):
-    out = tmp_path / "u"
-    assert benchmark.main(tiny_args(out) + ["--unigram-only"]) == 0
-    unigram = json.loads((out / "unigram.json").read_text())
-    assert 1 < unigram["synthetic"]["unigram_val_ppl"] < unigram["synthetic"]["vocab_size"] * 2
-    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
+def test_paper_numbers_shown_only_for_the_paper_config():
+    paper = dict(benchmark.PAPER_HPARAMS)
+    rows = {"train": 36718, "validation": 3760}
+    assert benchmark.is_paper_config(paper, "wikitext2", {"rows": rows})
+    assert not benchmark.is_paper_config({**paper, "n_embed": 128}, "wikitext2", {"rows": rows})
+    assert not benchmark.is_paper_config(paper, "tinystories", {"rows": {"train": 2316, "validation": 1840}})
+    assert benchmark.is_paper_config({**paper, "seed": 7}, "wikitext2", {"rows": rows})  # the paper had no seed
+
+    table = reporting.table1_markdown([_fake_record("wikitext2", "gam")])
+    assert "882.57" in table and "117.2" in table
+    assert "882.57" not in reporting.table1_markdown([_fake_record("wikitext2", "gam", paper_config=False)])
+    t3 = reporting.table3_markdown([_fake_record("wikitext2", m) for m in benchmark.GAM_VARIANTS])
+    for ppl in ("900.84", "905.45", "942.59", "944.70"):
+        assert ppl in t3
+    assert "| gam-local-only (wikitext2) | no | yes | no |" in t3
+
+
+def test_tables_with_several_seeds_show_mean_std_and_count():
+    records = [_fake_record("wikitext2", "gam", seed=s, loss=v) for s, v in ((1, 6.0), (2, 6.2), (3, 6.7))]
+    records.append({**_fake_record("wikitext2", "transformer", seed=1), "status": "diverged",
+                    "final_val_loss": None, "final_val_ppl": None})
+    records.append(_fake_record("wikitext2", "transformer", seed=2, loss=6.4))
+    table = reporting.table1_markdown(records)
+    gam = next(line for line in table.splitlines() if "| gam (" in line)
+    assert f"| {6.3:.4f} ± {statistics.stdev([6.0, 6.2, 6.7]):.4f} |" in gam and "| 3 |" in gam
+    transformer = next(line for line in table.splitlines() if "| transformer (" in line)
+    assert "| 6.4000 |" in transformer and "| 1 of 2 |" in transformer  # one seed diverged
+    t3 = reporting.table3_markdown(records[:3])
+    assert "Seeds" in t3.splitlines()[0] and "| 3 |" in t3

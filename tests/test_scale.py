@@ -63,7 +63,9 @@ def test_cli_tiny_cpu_sweep(tmp_path):
         assert r["status"] == "ok" and r["batch"] == "1" and r["implementation"], r
         t_min, t_med, t_max = float(r["time_ms_min"]), float(r["time_ms_median"]), float(r["time_ms_max"])
         assert 0 < t_min <= t_med <= t_max and t_min <= float(r["time_ms_mean"]) <= t_max, r
-        assert float(r["peak_mem_mb"]) >= 0, r
+        # A tiny block's gradients and activations take well under 1 MiB (seen: 0.1-0.6); a
+        # measurement that counted the process (> 100 MiB resident) or the parameters would not.
+        assert 0 <= float(r["peak_mem_mb"]) < 16, r
 
     doc = json.loads((out / "results.json").read_text())
     meta = doc["metadata"]

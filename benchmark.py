@@ -41,7 +41,8 @@ import torch
 from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
-                       plot_curves, run_metadata, table1_markdown, table3_markdown)
+                       context_markdown, plot_context, plot_curves, run_metadata, table1_markdown,
+                       table3_markdown)
 
 # The Table 3 switches of each GAM variant.
 GAM_VARIANTS = {
@@ -603,6 +604,10 @@ def write_results(records: list[dict], out_dir: Path) -> None:
         atomic_write_text(out_dir / "table3.md", table3_markdown(records))
     if any(r["epochs"] for r in records):
         plot_curves(records, out_dir / "curves.png")
+        plot_context(records, out_dir / "context.png")
+    context = context_markdown(records)
+    if context:
+        atomic_write_text(out_dir / "context.md", context)
 
 
 # ---------------------------------------------------------------------------------------

@@ -258,3 +258,76 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
         ax.legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------
+# Context use: validation loss at each position of the block (position p has p + 1 tokens
+# of context, itself included), from each run's last epoch, mean over seeds.
+
+
+def receptive_field(model_config: dict) -> int:
+    """GAM's receptive field in tokens (SPEC section 1): N_LAYER * (k - 1) + 1."""
+    if not model_config.get("USE_LOCAL", True):
+        return 1
+    return model_config["N_LAYER"] * (model_config["CONV_KERNEL_SIZE"] - 1) + 1
+
+
+def mean_loss_by_position(group: list[dict]) -> list[float] | None:
+    """Last-epoch val_loss_by_position averaged over the seeds of one (dataset, model)."""
+    curves = [r["epochs"][-1]["val_loss_by_position"] for r in group
+              if r["epochs"] and r["epochs"][-1].get("val_loss_by_position")]
+    if not curves:
+        return None
+    return [statistics.fmean(values) for values in zip(*curves)]
+
+
+def gam_receptive_field(records: list[dict]) -> int | None:
+    fields = {receptive_field(r["model_config"]) for r in records if r["model"] in PAPER_TABLE3}
+    return max(fields) if fields else None
+
+
+def context_windows(curve: list[float], rf: int) -> tuple[float, float]:
+    """(mean loss with R to 2R - 1 tokens of context, mean loss over the last quarter of the block)."""
+    near = [v for c, v in enumerate(curve, 1) if rf <= c < 2 * rf and math.isfinite(v)]
+    far = [v for v in curve[-max(1, len(curve) // 4):] if math.isfinite(v)]
+    return (statistics.fmean(near) if near else math.nan), (statistics.fmean(far) if far else math.nan)
+
+
+def context_markdown(records: list[dict]) -> str:
+    """How much each model gains from context beyond GAM's receptive field R."""
+    rf = gam_receptive_field(records)
+    if rf is None:
+        return ""
+    lines = ["| Dataset | Model | Seeds | Loss, context 1 | Loss, context R..2R-1 | Loss, last quarter | "
+             "Gain beyond R |", "|---|---|---|---|---|---|---|"]
+    for g in group_seeds(records):
+        curve = mean_loss_by_position(g)
+        if curve is None or 2 * rf > len(curve):
+            continue
+        near, far = context_windows(curve, rf)
+        lines.append(f"| {g[0]['dataset']} | {g[0]['model']} | {len(g)} | {curve[0]:.4f} | {near:.4f} | "
+                     f"{far:.4f} | {near - far:+.4f} |")
+    return "\n".join(lines + ["", f"R = {rf} tokens, GAM's receptive field (N_LAYER * (k - 1) + 1): its logits "
+                               "cannot depend on anything further back. Mean validation loss per position, last "
+                               "epoch, mean over seeds; 'gain beyond R' = loss with R..2R-1 tokens of context "
+                               "minus loss over the last quarter of the block."]) + "\n"
+
+
+def plot_context(records: list[dict], path: str | os.PathLike) -> None:
+    """Validation loss against context length (log x), one line per model, GAM's R marked."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in records))
+    rf = gam_receptive_field(records)
+    fig, axes = new_figure(len(datasets), figsize=(5.5 * len(datasets), 4))
+    for ax, dataset in zip(axes, datasets):
+        for g in group_seeds([r for r in records if r["dataset"] == dataset]):
+            curve = mean_loss_by_position(g)
+            if curve is not None:
+                n = f" ({len(g)} seeds)" if len(g) > 1 else ""
+                ax.plot(range(1, len(curve) + 1), curve, label=g[0]["model"] + n)
+        if rf is not None:
+            ax.axvline(rf, color="grey", linestyle="--", label=f"GAM receptive field ({rf} tokens)")
+        ax.set(title=dataset, xlabel="tokens of context (position + 1)", ylabel="validation loss", xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)

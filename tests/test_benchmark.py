@@ -107,6 +107,8 @@ def test_smoke_run_writes_results(tmp_path, capsys):
     assert "Reference: a unigram model" in table and records[0]["data"]["unigram_val_ppl"] > 1
     assert "882.57" not in table and "Seeds" not in table
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "context.png").read_bytes()[:8] == PNG_MAGIC
+    assert "R = 3 tokens" in (out / "context.md").read_text()  # 1 layer, kernel 3
     assert (out / "checkpoints" / "synthetic-gam.pt").is_file()
 
 
@@ -283,3 +285,41 @@ def test_tables_with_several_seeds_show_mean_std_and_count():
     assert "| 6.4000 |" in transformer and "| 1 of 2 |" in transformer  # one seed diverged
     t3 = reporting.table3_markdown(records[:3])
     assert "Seeds" in t3.splitlines()[0] and "| 3 |" in t3
+
+
+def test_per_position_loss_matches_a_hand_computation(tiny_data):
+    # The curve is the mean over blocks of the loss at each position; averaging it with
+    # equal weights gives back the plain token mean (every position has the same count).
+    t, _ = training(tiny_data)
+    val_loader = tiny_data[2]
+    _, by_position = benchmark.evaluate(t.model, val_loader, CPU)
+    t.model.eval()
+    with torch.no_grad():
+        per_token = torch.cat([torch.nn.functional.cross_entropy(
+            t.model(x)[0].double().transpose(1, 2), y, reduction="none") for x, y in val_loader])  # (N, T)
+    assert len(by_position) == per_token.shape[1]
+    assert by_position == pytest.approx(per_token.mean(0).tolist(), abs=1e-5)
+
+
+def _curve_record(model, seed, curve, n_layer=2, k=3):
+    config = {**benchmark.GAM_VARIANTS.get(model, benchmark.GAM_VARIANTS["gam"]), "N_LAYER": n_layer,
+              "CONV_KERNEL_SIZE": k}
+    return {**_fake_record("wikitext2", model, seed=seed), "model_config": config,
+            "epochs": [{"epoch": 1, "val_ppl": 500.0, "val_loss_by_position": [9.0] * len(curve)},
+                       {"epoch": 2, "val_ppl": 400.0, "val_loss_by_position": curve}]}
+
+
+def test_context_table_and_figure(tmp_path):
+    # R = 2 * (3 - 1) + 1 = 5. GAM: flat at 5.0, so nothing to gain beyond R. Transformer (two
+    # seeds, +-0.5 around the same curve): 6.0 with fewer than 10 tokens of context, 4.0 over the
+    # last quarter (context 31..40), so it gains 6.0 - 4.0 = +2.0 beyond R. Only the last epoch counts.
+    base = [6.0] * 9 + [5.0] * 21 + [4.0] * 10
+    records = [_curve_record("gam", 1, [5.0] * 40),
+               _curve_record("transformer", 1, [v + 0.5 for v in base]),
+               _curve_record("transformer", 2, [v - 0.5 for v in base])]
+    table = reporting.context_markdown(records)
+    assert "| wikitext2 | gam | 1 | 5.0000 | 5.0000 | 5.0000 | +0.0000 |" in table
+    assert "| wikitext2 | transformer | 2 | 6.0000 | 6.0000 | 4.0000 | +2.0000 |" in table
+    assert "R = 5 tokens" in table
+    reporting.plot_context(records, tmp_path / "context.png")
+    assert (tmp_path / "context.png").read_bytes()[:8] == PNG_MAGIC

@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import shlex
+import statistics
 import sys
 import tempfile
 import threading
@@ -41,8 +42,8 @@ import torch
 from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
-                       context_markdown, plot_context, plot_curves, run_metadata, table1_markdown,
-                       table3_markdown)
+                       context_markdown, device_description, plot_context, plot_curves, run_metadata,
+                       table1_markdown, table3_markdown)
 
 # The Table 3 switches of each GAM variant.
 GAM_VARIANTS = {
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             where.resume_command = resume_command(cfg, args, explicit)
         logger = WandbLogger(resolve_wandb_mode(args.wandb, cfg["out_dir"]), args.wandb_project, cfg["out_dir"])
         print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {cfg['out_dir']}, wandb {logger.mode}")
+        if args.speed_steps:
+            return measure_speed(cfg, device, args.speed_steps, where)
         data = prepare_data(cfg, cache_dir(args), where)
         if args.unigram_only:
             return write_unigram(data, Path(cfg["out_dir"]))
@@ -201,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-project", default="gam-reproduction")
     p.add_argument("--unigram-only", action="store_true",
                    help="prepare the data, write the unigram reference PPL to unigram.json, train nothing")
+    p.add_argument("--speed-steps", type=positive_int, default=None, metavar="N",
+                   help="measure training speed only: N timed optimizer steps per model on random tokens "
+                        "(batch, length and models of the run), models interleaved step by step; writes "
+                        "speed.json and speed.md; needs no data")
     return p
 
 
@@ -221,6 +228,13 @@ def add_hparam_flags(g) -> None:
             kind = float if isinstance(value, float) else int
             g.add_argument(option, type=kind, default=None, metavar=name.upper(),
                            help=HELP.get(name, "") + f"paper: {'all' if value is None else value}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def explicit_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
@@ -523,6 +537,60 @@ def write_unigram(data: dict, out_dir: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# Training speed side by side (Table 1's time column, measured fairly on a shared machine).
+
+SPEED_WARMUP_STEPS = 2  # untimed: the first steps allocate optimizer state and warm caches
+
+
+def measure_speed(cfg: dict, device: torch.device, steps: int, where: Where) -> int:
+    """Median step time and tokens/s of every model of the run, one step of each in turn, so
+    that every model sees the same machine load; random tokens (speed does not depend on them)."""
+    models = list(dict.fromkeys(m for ms in cfg["runs"].values() for m in ms))
+    runs = {m: build_training(cfg, m, cfg["vocab_size"], SPEED_WARMUP_STEPS + steps, device) for m in models}
+    g = torch.Generator().manual_seed(cfg["seed"])
+    ids = torch.randint(0, cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"] + 1), generator=g).to(device)
+    x, y = ids[:, :-1], ids[:, 1:]
+    seconds = {m: [] for m in models}
+    for i in range(SPEED_WARMUP_STEPS + steps):
+        for m, t in runs.items():
+            where.stage = f"speed: {m} step {i + 1}/{SPEED_WARMUP_STEPS + steps}"
+            t.model.train()
+            sync(device)
+            start = time.perf_counter()
+            train_step(t, x, y, cfg)
+            sync(device)
+            if i >= SPEED_WARMUP_STEPS:
+                seconds[m].append(time.perf_counter() - start)
+    rows = [speed_row(m, runs[m], seconds[m], cfg) for m in models]
+    out_dir = Path(cfg["out_dir"])
+    atomic_write_json(out_dir / "speed.json", {"rows": rows, "steps": steps, "warmup_steps": SPEED_WARMUP_STEPS,
+                                               **run_metadata(device), "config": cfg})
+    atomic_write_text(out_dir / "speed.md", speed_markdown(rows, cfg, device))
+    print((out_dir / "speed.md").read_text())
+    return 0
+
+
+def speed_row(model_name: str, t: Training, seconds: list[float], cfg: dict) -> dict:
+    median = statistics.median(seconds)
+    return {"model": model_name, "params": t.model.num_params(), "implementation": t.model.implementation,
+            "step_s_median": median, "step_s_min": min(seconds), "step_s_max": max(seconds),
+            "tokens_per_s": cfg["batch_size"] * cfg["block_size"] / median}
+
+
+def speed_markdown(rows: list[dict], cfg: dict, device: torch.device) -> str:
+    ref = next((r for r in rows if r["model"] == "gam"), rows[0])
+    lines = ["| Model | Params | Step time, median [min, max] (s) | Tokens / s | Time relative to " + ref["model"] + " |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} ({r['implementation']}) | {r['params']:,} | {r['step_s_median']:.3f} "
+                     f"[{r['step_s_min']:.3f}, {r['step_s_max']:.3f}] | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_s_median'] / ref['step_s_median']:.2f}x |")
+    return "\n".join(lines + ["", f"One training step (forward, backward, clip, AdamW, schedule) at batch "
+                               f"{cfg['batch_size']} x {cfg['block_size']} tokens on {device_description(device)}; "
+                               "models interleaved step by step; median over the timed steps."]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
 # The run: checked whole before it starts, then one (dataset, seed, model) after another.
 
 
@@ -745,13 +813,7 @@ def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str,
         for _ in range(t.steps_per_epoch):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            t.optimizer.zero_grad(set_to_none=True)
-            _, loss = t.model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
-            t.optimizer.step()
-            t.scheduler.step()
-            value = loss.item()
+            value = train_step(t, x, y, cfg)
             if not math.isfinite(value):
                 raise DivergedError(f"non-finite training loss ({value}) at step {t.scheduler.last_epoch}")
             total, tokens = total + value, tokens + x.numel()
@@ -762,6 +824,17 @@ def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str,
     del batches  # with --max-train-blocks it is left unfinished; this stops its workers now
     sync(device)
     return total / t.steps_per_epoch, time.perf_counter() - start, tokens
+
+
+def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> float:
+    """One optimizer step (the author's: AdamW, grad-norm clip, per-step schedule); returns the loss."""
+    t.optimizer.zero_grad(set_to_none=True)
+    _, loss = t.model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
+    t.optimizer.step()
+    t.scheduler.step()
+    return loss.item()
 
 
 @torch.no_grad()

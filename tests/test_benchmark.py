@@ -323,3 +323,18 @@ def test_context_table_and_figure(tmp_path):
     assert "R = 5 tokens" in table
     reporting.plot_context(records, tmp_path / "context.png")
     assert (tmp_path / "context.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_speed_steps_times_every_model_without_data(tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("--speed-steps must not prepare data")
+
+    monkeypatch.setattr(benchmark, "prepare_data", no_data)
+    out = tmp_path / "speed"
+    assert benchmark.main(tiny_args(out, "--speed-steps", "2", models=("transformer", "gam"))) == 0
+    speed = json.loads((out / "speed.json").read_text())
+    assert [r["model"] for r in speed["rows"]] == ["transformer", "gam"] and speed["steps"] == 2
+    for r in speed["rows"]:
+        assert r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"]
+        assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s_median"])  # batch 8 x 32 tokens
+    assert "| gam (gam) |" in (out / "speed.md").read_text() and not (out / "results.json").exists()

@@ -42,8 +42,8 @@ import torch
 from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
-                       context_markdown, device_description, plot_context, plot_curves, run_metadata,
-                       table1_markdown, table3_markdown)
+                       context_markdown, device_description, plot_context, plot_curves, recall_markdown,
+                       run_metadata, table1_markdown, table3_markdown)
 
 # The Table 3 switches of each GAM variant.
 GAM_VARIANTS = {
@@ -53,7 +53,8 @@ GAM_VARIANTS = {
     "gam-local-only": dict(USE_GATE=False, USE_LOCAL=True, USE_GLOBAL=False),
 }
 MODELS = [*GAM_VARIANTS, "transformer", "mamba"]
-DATASETS = ["wikitext2", "tinystories", "synthetic"]
+DATASETS = ["wikitext2", "tinystories", "synthetic", "mqar"]
+GENERATED = ("synthetic", "mqar")  # generated in code: no hub, no --data-dir
 
 # SPEC section 3: the paper's (and the author's benchmark.py) training setup.
 PAPER_HPARAMS = dict(
@@ -63,6 +64,9 @@ PAPER_HPARAMS = dict(
     epochs=5, grad_clip=1.0, max_train_rows=50000, max_val_rows=5000, max_train_blocks=None,
     tokenizer_splits="train", attention="naive", mamba_residual=False, seed=1337,
 )
+# The associative-recall task (--datasets mqar; SPEC section 8): Zoology's MQAR. vocab_size and
+# block_size set its vocabulary and sequence length.
+MQAR_HPARAMS = dict(mqar_kv_pairs=4, mqar_train_examples=40000, mqar_val_examples=1000)
 CHOICES = {"tokenizer_splits": ["train", "all"], "attention": ["naive", "sdpa"],
            "mamba_impl": list(MAMBA_IMPLS)}
 
@@ -146,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(e, OSError) or is_oom(e)):
             raise  # a bug: its traceback is the useful report
         return fail(failure_line(e, where), 1)
-    table = Path(cfg["out_dir"]) / "table1.md"
-    print(table.read_text() if table.exists() else "")
+    for name in ("table1.md", "recall.md"):
+        table = Path(cfg["out_dir"]) / name
+        print(table.read_text() if table.exists() else "", end="\n")
     print(f"results: {Path(cfg['out_dir']) / 'results.json'}")
     return 0
 
@@ -187,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read a dataset from local files instead of the Hugging Face Hub; "
                         "NAME=DIR per dataset, or a bare DIR when one hub dataset is selected")
     add_hparam_flags(p.add_argument_group("model and training (default: the paper's value, or the preset's)"))
+    g = p.add_argument_group("associative recall (--datasets mqar; --vocab-size and --block-size set its "
+                             "vocabulary and sequence length)")
+    g.add_argument("--mqar-kv-pairs", type=int, default=None, metavar="P",
+                   help=f"key-value pairs per example, each queried once (default {MQAR_HPARAMS['mqar_kv_pairs']})")
+    g.add_argument("--mqar-train-examples", type=int, default=None, metavar="N",
+                   help=f"training examples (default {MQAR_HPARAMS['mqar_train_examples']})")
+    g.add_argument("--mqar-val-examples", type=int, default=None, metavar="N",
+                   help=f"validation examples (default {MQAR_HPARAMS['mqar_val_examples']})")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                    help="run every (dataset, model) once per seed (overrides --seed); tables show mean ± std")
     p.add_argument("--mamba-impl", choices=CHOICES["mamba_impl"], default="auto",
@@ -250,11 +263,11 @@ def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice:
             raise UsageError(f"{flag(name)}: {', '.join(twice)} given twice")
-    cfg = dict(PAPER_HPARAMS)
+    cfg = {**PAPER_HPARAMS, **MQAR_HPARAMS}
     preset = dict(PRESETS[args.preset])
     runs = preset.pop("runs")
     cfg.update(preset)
-    cfg.update({k: getattr(args, k) for k in PAPER_HPARAMS if getattr(args, k) is not None})
+    cfg.update({k: getattr(args, k) for k in [*PAPER_HPARAMS, *MQAR_HPARAMS] if getattr(args, k) is not None})
     if args.datasets or args.models:
         datasets = args.datasets or list(runs)
         runs = {d: args.models or runs.get(d) or ["transformer", "mamba", "gam"] for d in datasets}
@@ -289,13 +302,13 @@ def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) ->
 
 
 def parse_data_dirs(values: list[str] | None, runs: dict) -> dict:
-    hub = [d for d in runs if d != "synthetic"]
+    hub = [d for d in runs if d not in GENERATED]
     out = {}
     for v in values or []:
         name, sep, path = v.partition("=")
         if not sep:
             if not hub:
-                raise UsageError(f"--data-dir {v}: no hub dataset is selected (synthetic is generated in code); "
+                raise UsageError(f"--data-dir {v}: no hub dataset is selected (synthetic and mqar are generated in code); "
                                  "select one, e.g. --datasets wikitext2 --data-dir wikitext2=DIR")
             if len(hub) > 1:
                 raise UsageError(f"--data-dir {v}: several hub datasets are selected ({', '.join(hub)}); "
@@ -324,13 +337,13 @@ def default_out_dir() -> str:
 def validate_config(cfg: dict, saved: bool = False) -> None:
     """The same checks for the command line and a saved config.json (which also has its data
     fingerprint): every key present and no other, each of the right type, each value sensible."""
-    keys = [*PAPER_HPARAMS, *RUN_KEYS, *(["data_fingerprint"] if saved else [])]
+    keys = [*PAPER_HPARAMS, *MQAR_HPARAMS, *RUN_KEYS, *(["data_fingerprint"] if saved else [])]
     unknown, missing = sorted(set(cfg) - set(keys)), [k for k in keys if k not in cfg]
     listed = lambda ks: ", ".join(ks[:4]) + (f" and {len(ks) - 4} more" if len(ks) > 4 else "")  # noqa: E731
     if unknown or missing:
         raise UsageError("; ".join(([f"unknown keys {listed(unknown)}"] if unknown else [])
                                    + ([f"missing keys {listed(missing)}"] if missing else [])))
-    for k, default in PAPER_HPARAMS.items():
+    for k, default in {**PAPER_HPARAMS, **MQAR_HPARAMS}.items():
         check_type(k, cfg[k], default)
     validate_values(cfg)
     validate_run_keys(cfg, saved)
@@ -358,7 +371,7 @@ def check_type(key: str, value, default) -> None:
 
 def validate_values(cfg: dict) -> None:
     for k in ["vocab_size", "block_size", "n_embed", "n_layer", "n_head", "num_memory_slots", "conv_kernel_size",
-              "d_state", "d_conv", "expand", "batch_size", "epochs"]:
+              "d_state", "d_conv", "expand", "batch_size", "epochs", *MQAR_HPARAMS]:
         if cfg[k] < 1:
             raise UsageError(f"{flag(k)} must be >= 1, got {cfg[k]}")
     for k in ["warmup_steps", "weight_decay", "grad_clip"]:
@@ -464,30 +477,41 @@ def prepare_data(cfg: dict, cache: Path, where: Where) -> dict:
     """dataset -> (train_loader, val_loader, info). On a fresh run the data's fingerprint goes
     into cfg (and so config.json); on --resume a changed train set, validation set or
     tokenizer is refused, since the checkpoints were trained on the old ones."""
-    from data import DataError, build_loaders
-
     data, saved = {}, cfg.get("data_fingerprint")
     for dataset in cfg["runs"]:
         where.stage = f"preparing {dataset}"
-        try:
-            train_loader, val_loader, tokenizer, info = build_loaders(
-                dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
-                batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
-                max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"], cache_dir=str(cache),
-                seed=cfg["seed"], num_workers=cfg["num_workers"])
-        except DataError as e:
-            raise UsageError(str(e)) from None
+        train_loader, val_loader, tokenizer, info = load_dataset(cfg, dataset, cache)
         check_token_ids(dataset, train_loader, val_loader, info)
-        fingerprint = data_fingerprint(train_loader, val_loader, tokenizer)
+        fingerprint = data_fingerprint(train_loader, val_loader, tokenizer, info["vocab_size"])
         if saved is not None:
             check_same_data(cfg, dataset, saved[dataset], fingerprint)
         cfg.setdefault("data_fingerprint", {})[dataset] = fingerprint
-        info["unigram_val_ppl"] = unigram_perplexity(train_loader.dataset.blocks, val_loader.dataset.blocks,
-                                                     info["vocab_size"])
+        info["unigram_val_ppl"] = None if dataset == "mqar" else unigram_perplexity(
+            train_loader.dataset.blocks, val_loader.dataset.blocks, info["vocab_size"])
+        unigram = f", unigram validation PPL {info['unigram_val_ppl']:.2f}" if info["unigram_val_ppl"] else ""
         print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "
-              f"vocab {info['vocab_size']:,}, unigram validation PPL {info['unigram_val_ppl']:.2f}")
+              f"vocab {info['vocab_size']:,}{unigram}")
         data[dataset] = (train_loader, val_loader, info)
     return data
+
+
+def load_dataset(cfg: dict, dataset: str, cache: Path) -> tuple:
+    """(train_loader, val_loader, tokenizer or None, info) of one dataset; a DataError is bad input."""
+    from data import DataError, build_loaders, build_mqar_loaders
+
+    try:
+        if dataset == "mqar":
+            return build_mqar_loaders(
+                vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], num_kv_pairs=cfg["mqar_kv_pairs"],
+                num_train=cfg["mqar_train_examples"], num_validation=cfg["mqar_val_examples"],
+                batch_size=cfg["batch_size"], seed=cfg["seed"], num_workers=cfg["num_workers"])
+        return build_loaders(
+            dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
+            batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
+            max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"], cache_dir=str(cache),
+            seed=cfg["seed"], num_workers=cfg["num_workers"])
+    except DataError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_token_ids(dataset: str, train_loader, val_loader, info: dict) -> None:
@@ -500,11 +524,12 @@ def check_token_ids(dataset: str, train_loader, val_loader, info: dict) -> None:
                              f"[0, {info['vocab_size']}); delete the tokenizer cache {info['tokenizer_path']}")
 
 
-def data_fingerprint(train_loader, val_loader, tokenizer) -> dict:
+def data_fingerprint(train_loader, val_loader, tokenizer, vocab_size: int) -> dict:
     sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
     return {"train": sha(train_loader.dataset.blocks.contiguous().numpy()),
             "validation": sha(val_loader.dataset.blocks.contiguous().numpy()),
-            "tokenizer": sha(tokenizer.to_str().encode("utf-8")), "vocab_size": tokenizer.get_vocab_size()}
+            "tokenizer": sha(tokenizer.to_str().encode("utf-8")) if tokenizer else "none (generated ids)",
+            "vocab_size": vocab_size}
 
 
 def check_same_data(cfg: dict, dataset: str, saved: dict, now: dict) -> None:
@@ -513,7 +538,7 @@ def check_same_data(cfg: dict, dataset: str, saved: dict, now: dict) -> None:
     if saved["vocab_size"] != now["vocab_size"] and "tokenizer" not in changed:
         changed.append("tokenizer")
     if changed:
-        source = cfg["data_dirs"].get(dataset, "the hub" if dataset != "synthetic" else "the generator")
+        source = cfg["data_dirs"].get(dataset, "the hub" if dataset not in GENERATED else "the generator")
         what = ", ".join(changed[:-1]) + (" and " if len(changed) > 1 else "") + changed[-1]
         raise UsageError(f"--resume {cfg['out_dir']}: the {what} of {dataset} ({source}) changed "
                          "since the run started; restore them, or start a fresh run with another --out-dir")
@@ -672,10 +697,12 @@ def write_results(records: list[dict], out_dir: Path) -> None:
         atomic_write_text(out_dir / "table3.md", table3_markdown(records))
     if any(r["epochs"] for r in records):
         plot_curves(records, out_dir / "curves.png")
-        plot_context(records, out_dir / "context.png")
-    context = context_markdown(records)
-    if context:
-        atomic_write_text(out_dir / "context.md", context)
+    language = [r for r in records if r["dataset"] != "mqar"]  # recall scores queries only
+    if any(r["epochs"] for r in language):
+        plot_context(language, out_dir / "context.png")
+    for name, text in (("context.md", context_markdown(language)), ("recall.md", recall_markdown(records))):
+        if text:
+            atomic_write_text(out_dir / name, text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -785,17 +812,24 @@ def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run,
         where.stage = f"{name} epoch {epoch + 1}/{cfg['epochs']}"
         train_loader.sampler.set_epoch(epoch)  # this epoch's order: a function of (seed, epoch)
         train_loss, seconds, tokens = train_epoch(t, train_loader, cfg, device, where.stage, run.log)
-        val_loss, val_by_position = evaluate(t.model, val_loader, device)
+        ev = evaluate(t.model, val_loader, device, gam_receptive_field(cfg))
+        val_loss = ev["val_loss"]
         if not math.isfinite(val_loss):
             raise DivergedError(f"non-finite validation loss ({val_loss}) after epoch {epoch + 1}")
         stats = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                  "val_ppl": math.exp(min(val_loss, 700.0)), "epoch_time_s": seconds,
-                 "tokens_per_s": tokens / seconds, "val_loss_by_position": val_by_position}
+                 "tokens_per_s": tokens / seconds, **ev}
         t.epochs.append(stats)
         run.log({f"epoch/{k}": v for k, v in stats.items() if k != "val_loss_by_position"})
+        recall = f" | recall {ev['recall_accuracy']:.3f}" if "recall_accuracy" in ev else ""
         print(f"  epoch {epoch + 1}/{cfg['epochs']}: train {train_loss:.4f} | val {val_loss:.4f} "
-              f"| ppl {stats['val_ppl']:.2f} | {seconds:.1f} s | {stats['tokens_per_s']:,.0f} tok/s")
+              f"| ppl {stats['val_ppl']:.2f}{recall} | {seconds:.1f} s | {stats['tokens_per_s']:,.0f} tok/s")
         save_checkpoint(t, train_loader, path)
+
+
+def gam_receptive_field(cfg: dict) -> int:
+    """R = N_LAYER * (k - 1) + 1 of the run's full GAM: the recall split of every model."""
+    return cfg["n_layer"] * (cfg["conv_kernel_size"] - 1) + 1
 
 
 def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str, log_step):
@@ -838,25 +872,35 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> floa
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> tuple[float, list[float]]:
-    """(mean of per-batch mean losses, as the author's code; mean loss at each block position).
+def evaluate(model, loader, device, receptive_field: int | None = None) -> dict:
+    """Validation statistics of one epoch:
 
-    The per-position curve shows how much a model gains from context: position p has p
-    tokens before it. Ignored targets (-100) count neither in the loss nor in the curve.
+    - ``val_loss``: the mean of per-batch mean losses, as the author's code;
+    - ``val_loss_by_position``: the mean loss at each block position (position p has p + 1
+      tokens of context), which shows how much a model gains from context; NaN where no
+      target is scored (targets -100);
+    - on an associative-recall set (a dataset with ``distances``): the recall accuracy at the
+      queries, overall and split at ``receptive_field`` (synthetic.recall_accuracy).
     """
+    from synthetic import recall_accuracy
+
     model.eval()
-    losses, pos_sum, pos_count = [], 0.0, 0
+    losses, pos_sum, pos_count, predictions = [], 0.0, 0, []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits, loss = model(x, y)
         losses.append(loss.item())
         per_token = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), y, reduction="none", ignore_index=-100)     # (B, T)
-        scored = (y != -100)
+            logits.transpose(1, 2), y, reduction="none", ignore_index=-100)     # (B, T), 0 where ignored
         pos_sum = pos_sum + per_token.double().sum(0)                       # (T,)
-        pos_count = pos_count + scored.sum(0)                               # (T,)
-    by_position = (pos_sum / pos_count.clamp(min=1)).tolist()
-    return sum(losses) / len(losses), by_position
+        pos_count = pos_count + (y != -100).sum(0)                          # (T,)
+        predictions.append(logits.argmax(-1).cpu())                         # (B, T)
+    by_position = torch.where(pos_count > 0, pos_sum / pos_count.clamp(min=1), math.nan)
+    stats = {"val_loss": sum(losses) / len(losses), "val_loss_by_position": by_position.tolist()}
+    dataset = loader.dataset
+    if hasattr(dataset, "distances"):  # the loader is unshuffled: predictions are in dataset order
+        stats.update(recall_accuracy(torch.cat(predictions), dataset.targets, dataset.distances, receptive_field))
+    return stats
 
 
 def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict, device) -> dict:
@@ -878,6 +922,7 @@ def summarize(record: dict) -> None:
     record.update(status="done", final_val_loss=ep[-1]["val_loss"], final_val_ppl=ep[-1]["val_ppl"],
                   best_val_ppl=min(e["val_ppl"] for e in ep),
                   mean_epoch_time_s=sum(e["epoch_time_s"] for e in ep) / len(ep))
+    record.update({f"final_{k}": v for k, v in ep[-1].items() if k.startswith("recall_accuracy")})
 
 
 # ---------------------------------------------------------------------------------------

@@ -332,15 +332,8 @@ def build_loaders(
         show_progress=show_progress)
     blocks = _split_blocks(encode_splits(splits, tokenizer, names=("train", "validation")), block_size)
 
-    sampler = DistributedSampler(blocks["train"], num_replicas=1, rank=0, shuffle=True, seed=seed,
-                                 drop_last=False)
-    # Its own generator: DataLoader draws a worker base seed at every iter(), which must
-    # not consume the global RNG that dropout uses.
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(blocks["train"], batch_size=batch_size, sampler=sampler, generator=generator,
-                              drop_last=False, num_workers=num_workers)
-    val_loader = DataLoader(blocks["validation"], batch_size=batch_size, shuffle=False,
-                            drop_last=False, num_workers=num_workers)
+    train_loader, val_loader = make_loaders(blocks["train"], blocks["validation"], batch_size=batch_size,
+                                            seed=seed, num_workers=num_workers)
     info = {
         "source": source,
         "data_dir": os.fspath(data_dir) if data_dir is not None else None,
@@ -357,6 +350,63 @@ def build_loaders(
         "seed": seed,
     }
     return train_loader, val_loader, tokenizer, info
+
+
+def make_loaders(train: Dataset, validation: Dataset, *, batch_size: int, seed: int,
+                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """The train loader (order a function of (seed, epoch): see build_loaders) and the
+    unshuffled validation loader; both keep the last partial batch."""
+    sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=False)
+    # Its own generator: DataLoader draws a worker base seed at every iter(), which must
+    # not consume the global RNG that dropout uses.
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, generator=generator,
+                              drop_last=False, num_workers=num_workers)
+    val_loader = DataLoader(validation, batch_size=batch_size, shuffle=False, drop_last=False,
+                            num_workers=num_workers)
+    return train_loader, val_loader
+
+
+class RecallExamples(Dataset):
+    """MQAR examples (synthetic.mqar) behind the interface of TokenBlocks: item i is
+    ``(inputs[i], targets[i])`` with targets -100 except at the queries; ``blocks`` are the
+    token ids; ``distances`` (query minus key position, -1 elsewhere) serve the recall split."""
+
+    def __init__(self, examples: dict[str, torch.Tensor]):
+        self.blocks, self.targets, self.distances = examples["inputs"], examples["targets"], examples["distances"]
+        self.n_tokens = self.blocks.numel()
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.blocks[i], self.targets[i]
+
+
+def build_mqar_loaders(*, vocab_size: int, block_size: int, num_kv_pairs: int, num_train: int,
+                       num_validation: int, batch_size: int, seed: int = 0, num_workers: int = 0,
+                       data_seed: int = 0) -> tuple[DataLoader, DataLoader, None, dict]:
+    """Multi-query associative recall (SPEC section 8) -> (train_loader, val_loader, None, info).
+
+    The examples come from ``data_seed`` (fixed: every model and seed sees the same task);
+    ``seed`` orders the training examples, as for text. No tokenizer: ids are the task's."""
+    from synthetic import mqar_splits
+
+    try:
+        splits = mqar_splits(num_train, num_validation, vocab_size=vocab_size, seq_len=block_size,
+                             num_kv_pairs=num_kv_pairs, seed=data_seed)
+    except ValueError as e:
+        raise DataError(f"mqar: {e}") from None
+    sets = {name: RecallExamples(ex) for name, ex in splits.items()}
+    train_loader, val_loader = make_loaders(sets["train"], sets["validation"], batch_size=batch_size,
+                                            seed=seed, num_workers=num_workers)
+    info = {"source": "mqar", "data_dir": None, "rows": {n: len(d) for n, d in sets.items()},
+            "tokens": {n: d.n_tokens for n, d in sets.items()}, "blocks": {n: len(d) for n, d in sets.items()},
+            "block_size": block_size, "vocab_size": vocab_size, "vocab_size_requested": vocab_size,
+            "tokenizer_path": None, "tokenizer_splits": None, "num_kv_pairs": num_kv_pairs,
+            "queries": {n: int((d.targets != -100).sum()) for n, d in sets.items()},
+            "data_seed": data_seed, "seed": seed}
+    return train_loader, val_loader, None, info
 
 
 # ========================================================================================

@@ -331,3 +331,30 @@ def plot_context(records: list[dict], path: str | os.PathLike) -> None:
         ax.legend(fontsize="small")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------
+# Associative recall (MQAR): accuracy at the queries, split by the distance d between a query
+# and its key at GAM's receptive field R (within: d <= R - 1, both key and value visible).
+
+
+def recall_markdown(records: list[dict]) -> str:
+    groups = [g for g in group_seeds(records) if any("final_recall_accuracy" in r for r in g)]
+    if not groups:
+        return ""
+    lines = ["| Dataset | Model | Params | Seeds | Recall accuracy | Within R | Beyond R | Val loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    rf, counts = None, None
+    for g in groups:
+        r = g[0]
+        last = r["epochs"][-1]
+        rf, counts = last.get("receptive_field"), (last.get("recall_count_within_rf"), last.get("recall_count_beyond_rf"))
+        lines.append(f"| {r['dataset']} | {r['model']} ({r['implementation']}) | {r['params'] / 1e6:.2f} M | "
+                     f"{seed_count(g)} | {seed_cell(g, 'final_recall_accuracy', '.3f')} | "
+                     f"{seed_cell(g, 'final_recall_accuracy_within_rf', '.3f')} | "
+                     f"{seed_cell(g, 'final_recall_accuracy_beyond_rf', '.3f')} | {seed_cell(g, 'final_val_loss', '.4f')} |")
+    note = (f"Accuracy of the argmax prediction at the query positions, last epoch. R = {rf} tokens is GAM's "
+            f"receptive field: 'within R' are queries whose key is at most R - 1 tokens back (the model at the "
+            f"query sees the key and its value; {counts[0]} queries), 'beyond R' the others ({counts[1]} queries), "
+            "which a model that sees R tokens can only guess. With several seeds: mean ± standard deviation.")
+    return "\n".join(lines + ["", note]) + "\n"

@@ -292,7 +292,7 @@ def test_per_position_loss_matches_a_hand_computation(tiny_data):
     # equal weights gives back the plain token mean (every position has the same count).
     t, _ = training(tiny_data)
     val_loader = tiny_data[2]
-    _, by_position = benchmark.evaluate(t.model, val_loader, CPU)
+    by_position = benchmark.evaluate(t.model, val_loader, CPU)["val_loss_by_position"]
     t.model.eval()
     with torch.no_grad():
         per_token = torch.cat([torch.nn.functional.cross_entropy(
@@ -338,3 +338,42 @@ def test_speed_steps_times_every_model_without_data(tmp_path, monkeypatch):
         assert r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"]
         assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s_median"])  # batch 8 x 32 tokens
     assert "| gam (gam) |" in (out / "speed.md").read_text() and not (out / "results.json").exists()
+
+
+def test_recall_evaluation_matches_a_naive_count():
+    from data import build_mqar_loaders
+
+    train_loader, val_loader, _, info = build_mqar_loaders(
+        vocab_size=64, block_size=24, num_kv_pairs=3, num_train=8, num_validation=10, batch_size=4)
+    torch.manual_seed(0)
+    model = GAM_Model(ModelConfig(VOCAB_SIZE=64, BLOCK_SIZE=24, N_EMBED=16, N_LAYER=2, NUM_MEMORY_SLOTS=8))
+    stats = benchmark.evaluate(model, val_loader, CPU, receptive_field=5)
+    ds = val_loader.dataset
+    with torch.no_grad():
+        argmax = model(ds.blocks)[0].argmax(-1)
+    counts = {"within": [0, 0], "beyond": [0, 0]}  # [correct, total]
+    for i in range(len(ds)):
+        for q in range(24):
+            if int(ds.targets[i, q]) == -100:
+                continue
+            key_pos = [p for p in range(0, 6, 2) if int(ds.blocks[i, p]) == int(ds.blocks[i, q])][0]
+            side = "within" if q - key_pos <= 4 else "beyond"
+            counts[side][0] += int(argmax[i, q]) == int(ds.targets[i, q])
+            counts[side][1] += 1
+    for side, (correct, total) in counts.items():
+        assert stats[f"recall_correct_{side}_rf"] == correct and stats[f"recall_count_{side}_rf"] == total
+    assert stats["recall_count"] == 30 == info["queries"]["validation"]  # 10 examples x 3 queries
+    by_position = stats["val_loss_by_position"]
+    assert all(math.isnan(v) for v in by_position[:6])  # the key-value section is never scored
+
+
+def test_recall_run_writes_recall_table(tmp_path):
+    out = tmp_path / "mqar"
+    args = tiny_args(out, "--datasets", "mqar", "--vocab-size", "64", "--mqar-kv-pairs", "2",
+                     "--mqar-train-examples", "64", "--mqar-val-examples", "16", epochs=1)
+    assert benchmark.main(args) == 0
+    record = json.loads((out / "results.json").read_text())[0]
+    assert record["dataset"] == "mqar" and 0 <= record["final_recall_accuracy"] <= 1
+    assert record["epochs"][0]["recall_count"] == 32 and record["data"]["unigram_val_ppl"] is None
+    assert "| mqar | gam (gam) |" in (out / "recall.md").read_text()
+    assert not (out / "context.md").exists()  # per-position loss of a recall task is not a context curve

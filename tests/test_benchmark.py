@@ -38,15 +38,6 @@ def tiny_config(out_dir: Path, *extra: str) -> dict:
     return benchmark.resolve_config(args, benchmark.explicit_flags(parser, args))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Deterministic and fast on a shared 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """(cfg, train_loader, val_loader, info) of the tiny synthetic setup, prepared once."""

@@ -25,14 +25,6 @@ from test_benchmark import tiny_args
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def run_main(argv, capsys) -> tuple[int, list[str]]:
     """(exit code, stderr lines) of benchmark.main, argparse's own exits included."""
     try:

@@ -23,6 +23,12 @@ state dicts move between the two) whose selective scan is ``mambapy``'s parallel
 
 Parameter counts at ``ModelConfig()`` (the paper's config), exact:
 Transformer 24,166,400; Mamba (reference stacking) 20,504,576.
+
+Decoding states for ``CausalLM.generate`` (streaming while the context fits in BLOCK_SIZE;
+past it the crop shifts every absolute position, so both re-encode the cropped window):
+the Transformer a KV cache (``TransformerBlock.step``); Mamba its conv and SSM states
+through mamba_ssm's own API (``allocate_inference_cache`` / ``step``), which ``TorchMamba``
+implements too, so the official mixer decodes with its own step on CUDA.
 """
 
 from __future__ import annotations
@@ -120,6 +126,44 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)                       # (B, T, C)
         return self.resid_dropout(self.c_proj(y))                              # (B, T, C)
 
+    def step(self, x: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
+        """Attention of the next T' positions x (B, T', C) over a KV cache of the earlier ones.
+
+        cache: ``[k, v, n]`` with k, v (B, n_head, capacity, head_dim) buffers holding the
+        keys and values of the first n positions, or None at the start. Returns ``(out
+        (B, T', C), cache)``, the cache extended in place (reallocated, doubling, when full).
+        Same math as ``forward`` at those positions, with the same flavour (naive | sdpa).
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)                               # 3 x (B, T', C)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if cache is None:
+            cache = [None, None, 0]
+        kbuf, vbuf, n = cache
+        if kbuf is None or n + T > kbuf.shape[2]:
+            capacity = max(n + T, 2 * (0 if kbuf is None else kbuf.shape[2]), 64)
+            grown = [k.new_empty(B, self.n_head, capacity, self.head_dim) for _ in range(2)]
+            if kbuf is not None:
+                grown[0][:, :, :n], grown[1][:, :, :n] = kbuf[:, :, :n], vbuf[:, :, :n]
+            kbuf, vbuf = grown
+        kbuf[:, :, n:n + T], vbuf[:, :, n:n + T] = k, v
+        keys, values = kbuf[:, :, :n + T], vbuf[:, :, :n + T]                  # (B, nh, n+T', hd)
+        # New query i (position n+i) sees keys 0..n+i; a single new query sees them all.
+        allowed = None
+        if T > 1:
+            allowed = (torch.arange(n + T, device=x.device)[None, :]
+                       <= torch.arange(n, n + T, device=x.device)[:, None])     # (T', n+T')
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            att = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T', n+T')
+            if allowed is not None:
+                att = att.masked_fill(~allowed, float("-inf"))
+            y = self.attn_dropout(F.softmax(att, dim=-1)) @ values             # (B, nh, T', hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                       # (B, T', C)
+        return self.resid_dropout(self.c_proj(y)), [kbuf, vbuf, n + T]
+
 
 class TransformerBlock(nn.Module):
     """GPT-style pre-norm block: (B, T, C) -> (B, T, C).
@@ -138,6 +182,12 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))                                        # (B, T, C)
         return x + self.ffn(self.ln_2(x))                                      # (B, T, C)
+
+    def step(self, x: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
+        """``forward`` at the next positions x (B, T', C) with a KV cache (see CausalSelfAttention.step)."""
+        a, cache = self.attn.step(self.ln_1(x), cache)
+        x = x + a                                                              # (B, T', C)
+        return x + self.ffn(self.ln_2(x)), cache
 
 
 class TransformerLM(CausalLM):
@@ -225,6 +275,36 @@ class TorchMamba(nn.Module):
                   (dt * u).unsqueeze(-1) * B.unsqueeze(2))                     #       + dt_t B_t u_t: (B, L, D, N)
         y = (h @ C.unsqueeze(-1)).squeeze(-1) + self.D.to(f) * u               # C_t . h_t + D u_t: (B, L, D)
         return self.out_proj(y.to(x.dtype) * self.act(z))                      # (B, L, d_model)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):
+        """Zero decoding states, as mamba_ssm.Mamba's: conv_state (B, D, d_conv), the last
+        d_conv conv inputs; ssm_state (B, D, N), in at least float32 (the scan's dtype)."""
+        w = self.conv1d.weight
+        conv_dtype = w.dtype if dtype is None else dtype
+        ssm_dtype = torch.promote_types(conv_dtype, torch.float32)
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=w.device, dtype=conv_dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=w.device, dtype=ssm_dtype)
+        return conv_state, ssm_state
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One token, as mamba_ssm.Mamba.step: hidden_states (B, 1, d_model) -> (out (B, 1, d_model),
+        conv_state, ssm_state), both states updated in place. The recurrence of ``forward``:
+        h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t . h_t + D u_t."""
+        N, R = self.d_state, self.dt_rank
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)              # 2 x (B, D)
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = self.act((conv_state * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)  # (B, D)
+        dt, B, C = torch.split(self.x_proj(x), [R, N, N], dim=-1)              # (B,R), (B,N), (B,N)
+        dt = F.softplus(self.dt_proj(dt))                                      # (B, D)
+        f = torch.promote_types(x.dtype, torch.float32)
+        dt, B, C, u = dt.to(f), B.to(f), C.to(f), x.to(f)
+        A = -torch.exp(self.A_log.to(f))                                       # (D, N)
+        ssm_state.copy_(torch.exp(dt.unsqueeze(-1) * A) * ssm_state
+                        + (dt * u).unsqueeze(-1) * B.unsqueeze(1))             # (B, D, N)
+        y = (ssm_state.to(f) @ C.unsqueeze(-1)).squeeze(-1) + self.D.to(f) * u  # (B, D)
+        out = self.out_proj(y.to(x.dtype) * self.act(z))                       # (B, d_model)
+        return out.unsqueeze(1), conv_state, ssm_state
 
 
 def build_mamba_mixer(
@@ -314,6 +394,26 @@ class MambaLM(CausalLM):
         )
         self.implementation = name
         return MambaResidualBlock(config.N_EMBED, mixer) if self.residual else mixer
+
+    def _can_stream(self) -> bool:
+        mixers = [b.mixer if isinstance(b, MambaResidualBlock) else b for b in self.blocks]
+        return all(hasattr(m, "step") and hasattr(m, "allocate_inference_cache") for m in mixers)
+
+    def _block_step(self, block: nn.Module, x: torch.Tensor, state):
+        """Decoding through mamba_ssm's API (``allocate_inference_cache`` / ``step``, one token at
+        a time), which TorchMamba implements too, so both mixers decode the same way; on CUDA
+        with mamba_ssm this is its own step (its fused update kernels when installed)."""
+        mixer = block.mixer if isinstance(block, MambaResidualBlock) else block
+        inp = block.norm(x) if isinstance(block, MambaResidualBlock) else x
+        if state is None:
+            state = mixer.allocate_inference_cache(x.shape[0], self.config.BLOCK_SIZE, dtype=inp.dtype)
+        conv_state, ssm_state = state
+        outs = []
+        for t in range(x.shape[1]):
+            out, conv_state, ssm_state = mixer.step(inp[:, t:t + 1], conv_state, ssm_state)
+            outs.append(out)
+        y = torch.cat(outs, dim=1)                                             # (B, T', C)
+        return (x + y if isinstance(block, MambaResidualBlock) else y), (conv_state, ssm_state)
 
 
 # ----------------------------------------------------------------------------------------

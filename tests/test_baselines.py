@@ -509,3 +509,21 @@ def test_build_lm_picks_mamba_ssm_on_cuda():
     idx = torch.randint(0, 61, (2, 10), device="cuda")
     _, loss = model(idx, targets=idx)
     assert torch.isfinite(loss)
+
+
+@needs_mamba_ssm
+def test_mamba_ssm_streaming_generate_equals_reencoding():
+    """mamba_ssm.Mamba decodes with its own step API (conv and SSM states), crossing BLOCK_SIZE."""
+    torch.manual_seed(8)
+    model = build_lm("mamba", tiny_config(), device="cuda").eval()
+    assert model.implementation == "mamba_ssm"
+    idx = torch.randint(0, 61, (3, 2), device="cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        streamed = model.generate(idx, 30, top_k=1)
+        model.use_cache = False
+        reencoded = model.generate(idx, 30, top_k=1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert torch.equal(streamed, reencoded)

@@ -111,8 +111,10 @@ def ref_memory_read(h, M):
     return torch.einsum("bts,sc->btc", w, M)
 
 
-def ref_forward(sd: dict, idx: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    sd = {k: v.detach().to(torch.float64) for k, v in sd.items()}
+def ref_forward(sd: dict, idx: torch.Tensor, cfg: ModelConfig, keep_graph: bool = False) -> torch.Tensor:
+    """keep_graph: sd holds float64 leaves that require grad (for reference gradients)."""
+    if not keep_graph:
+        sd = {k: v.detach().to(torch.float64) for k, v in sd.items()}
     B, T = idx.shape
     C = cfg.N_EMBED
     tok = sd["token_embedding.weight"][idx]  # (B, T, C)
@@ -232,10 +234,15 @@ def test_head_tied_to_token_embedding():
 # --------------------------------------------------------------------------
 
 
+IMPLS = [pytest.param("fast", id="fast"), pytest.param("reference", id="reference")]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("k", [pytest.param(1, id="k1"), pytest.param(3, id="k3"), pytest.param(4, id="k4")])
 @pytest.mark.parametrize("flags", VARIANTS)
-def test_forward_matches_float64_reference(flags, k):
+def test_forward_matches_float64_reference(flags, k, impl):
     model = make_model(CONV_KERNEL_SIZE=k, **flags)
+    model.block_impl = impl
     cfg = model.config
     # Non-trivial LayerNorm affine parameters so they are exercised too.
     with torch.no_grad():
@@ -416,6 +423,216 @@ def test_every_parameter_gets_a_finite_gradient(flags):
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("flags, k", [
+    *[pytest.param(v.values[0], 3, id=v.id + "-k3") for v in VARIANTS],
+    pytest.param(VARIANTS[0].values[0], 1, id="full-k1"), pytest.param(VARIANTS[0].values[0], 4, id="full-k4"),
+])
+def test_gradients_match_float64_reference(flags, k, impl):
+    """Every parameter's gradient against autograd through the independent float64 reference
+    (an independent check of the fast path's hand-written backward)."""
+    model = make_model(CONV_KERNEL_SIZE=k, **flags)
+    model.block_impl = impl
+    cfg = model.config
+    idx, targets = rand_idx(cfg, B=2), rand_idx(cfg, B=2, seed=2)
+    _, loss = model(idx, targets=targets)
+    loss.backward()
+    leaves = {name: p.detach().clone().requires_grad_() for name, p in model.state_dict().items()}
+    ref_cross_entropy(ref_forward(leaves, idx, cfg, keep_graph=True), targets).backward()
+    named = dict(model.named_parameters())  # the tied head/embedding once, under token_embedding
+    for name, leaf in leaves.items():
+        if name == "head.weight":
+            continue
+        expected = leaf.grad + (leaves["head.weight"].grad if name == "token_embedding.weight" else 0)
+        torch.testing.assert_close(named[name].grad, expected, atol=1e-10, rtol=1e-10, msg=name)
+
+
+# --------------------------------------------------------------------------
+# 6b. The fast block against the reference block
+# --------------------------------------------------------------------------
+
+
+def block_pair(flags: dict, k: int, C: int = 8, dtype=torch.float64, dropout: float = 0.2, seed: int = 0):
+    """(fast, reference) GAMBlocks with the same random (non-init) weights."""
+    from gam_model import GAMBlock
+
+    cfg = small_config(N_EMBED=C, CONV_KERNEL_SIZE=k, DROPOUT=dropout, **flags)
+    torch.manual_seed(seed)
+    fast = GAMBlock(cfg).to(dtype)
+    assert fast.impl == "fast"  # the default
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # off the init: LayerNorm affine, biases matter
+    ref = GAMBlock(cfg, impl="reference").to(dtype)
+    ref.load_state_dict(fast.state_dict(), strict=True)
+    return fast, ref
+
+
+def run_block(block, x, w, seed=5):
+    """Output, input gradient and parameter gradients of sum(block(x) * w); dropout seeded."""
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = block(x)
+    (y * w).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("mode", [pytest.param("train", id="train"), pytest.param("eval", id="eval")])
+@pytest.mark.parametrize("T", [1, 15, 63, 300])
+@pytest.mark.parametrize("k", [1, 3, 4])
+@pytest.mark.parametrize("flags", VARIANTS)
+def test_fast_block_matches_reference(flags, k, T, mode):
+    """Outputs and every gradient, in float64, dropout included (the same draws: one seed)."""
+    fast, ref = block_pair(flags, k)
+    fast.train(mode == "train")
+    ref.train(mode == "train")
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(2, T, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(2, T, 8, generator=g, dtype=torch.float64)
+    got, expected = run_block(fast, x, w), run_block(ref, x, w)
+    names = ["out", "x.grad"] + [n for n, _ in fast.named_parameters()]
+    assert len(got) == len(expected) == len(names)
+    for name, a, b in zip(names, got, expected):
+        assert b is not None and a is not None, name
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10, msg=name)
+    if mode == "train":  # dropout really was on, and drew the same mask on both
+        fast.eval()
+        with torch.no_grad():
+            assert not torch.allclose(fast(x), got[0])
+
+
+@pytest.mark.parametrize("flags", VARIANTS[:4])
+def test_fast_block_matches_reference_in_float32(flags):
+    fast, ref = block_pair(flags, 3, C=64, dtype=torch.float32)
+    x, w = torch.randn(3, 50, 64), torch.randn(3, 50, 64)
+    for name, a, b in zip(["out", "x.grad"] + [n for n, _ in fast.named_parameters()],
+                          run_block(fast.train(), x, w), run_block(ref.train(), x, w)):
+        # Relative to the tensor's scale: a gradient summed over 150 positions carries the
+        # rounding of its largest terms (seen: <= 3e-7 of the scale).
+        assert (a - b).abs().max() <= 3e-6 * b.abs().max(), name
+
+
+def test_fast_block_gradcheck():
+    """Finite differences against the hand-written backward (float64, every input at once)."""
+    for flags in (VARIANTS[0].values[0],):  # gate, convolution and memory: every branch of backward
+        fast, _ = block_pair(flags, 3, C=4, dropout=0.0)
+        names = [n for n, _ in fast.named_parameters()]
+        x = torch.randn(2, 5, 4, dtype=torch.float64)
+
+        def f(x, *params):
+            return torch.func.functional_call(fast, dict(zip(names, params)), (x,))
+
+        inputs = (x.requires_grad_(), *[p.detach().clone().requires_grad_() for p in fast.parameters()])
+        assert torch.autograd.gradcheck(f, inputs, atol=1e-7, rtol=1e-5)
+
+
+def saved_activation_bytes(block, x):
+    """Bytes autograd keeps for backward (each storage once), parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("flags, units", [
+    pytest.param(VARIANTS[0].values[0], 9, id="full"),             # x, sig (2), read, x1, a (4)
+    pytest.param(VARIANTS[1].values[0], 6, id="global_only"),      # x, x1, a (4)
+    pytest.param(VARIANTS[2].values[0], 6, id="sum_fusion"),
+    pytest.param(VARIANTS[3].values[0], 6, id="local_only"),
+    pytest.param(VARIANTS[5].values[0], 7, id="gated_local_only"),  # + sig (1)
+])
+def test_fast_block_saves_less_for_backward(flags, units):
+    """Exactly what the fast path keeps ((B, T, C) float units, the softmax weights (B, T, S)
+    when there is a memory, the bool dropout mask), and at most 0.6x the reference; catches
+    anything big saved by accident."""
+    B, T, C = 2, 64, 32
+    fast, ref = block_pair(flags, 3, C=C, dtype=torch.float32, dropout=0.1)
+    x = torch.randn(B, T, C, requires_grad=True)
+    got, reference = saved_activation_bytes(fast.train(), x), saved_activation_bytes(ref.train(), x)
+    weights = 4 * B * T * SMALL["NUM_MEMORY_SLOTS"] if flags["USE_GLOBAL"] else 0
+    assert got == (units * 4 + 1) * B * T * C + weights
+    assert got <= 0.6 * reference, (got, reference)
+    assert saved_activation_bytes(fast.eval(), x) == units * 4 * B * T * C + weights  # no mask in eval
+
+
+def test_fast_block_under_autocast_follows_the_reference():
+    """bf16 autocast on CPU: the same output and gradient dtypes as the reference, and both
+    as close to the float32 result (bf16 keeps ~3 digits; seen: <= 1% of each tensor's scale)."""
+    fast, ref = block_pair(VARIANTS[0].values[0], 3, C=32, dtype=torch.float32, dropout=0.0)
+    x, w = torch.randn(2, 20, 32), torch.randn(2, 20, 32)
+    exact = run_block(ref, x, w)
+    outs = []
+    for block in (fast, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(run_block(block, x, w))
+    for i, (a, b, e) in enumerate(zip(*outs, exact)):
+        assert a.dtype == b.dtype, i
+        scale = e.abs().max()
+        assert (a.float() - e).abs().max() <= 0.02 * scale, i
+        assert (b.float() - e).abs().max() <= 0.02 * scale, i
+    assert (outs[0][0] - exact[0]).abs().max() > 1e-4 * exact[0].abs().max()  # bf16 really was used
+    assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [pytest.param(None, id="fp32"), pytest.param(torch.float16, id="fp16-autocast")])
+def test_fast_block_matches_reference_on_cuda(autocast):
+    """On CUDA (the paper's setting: fp16 autocast): same dtypes, values as close to the
+    float32 result as the reference's, and less saved for backward."""
+    fast, ref = block_pair(VARIANTS[0].values[0], 3, C=64, dtype=torch.float32, dropout=0.0)
+    fast, ref = fast.cuda(), ref.cuda()
+    x, w = torch.randn(2, 100, 64, device="cuda"), torch.randn(2, 100, 64, device="cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        exact = run_block(ref, x, w)
+        outs = []
+        for block in (fast, ref):
+            with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
+                outs.append(run_block(block, x, w))
+                saved = saved_activation_bytes(block, x.clone().requires_grad_())
+            outs[-1].append(saved)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    tol = 2e-5 if autocast is None else 0.02
+    for i, (a, b, e) in enumerate(zip(outs[0][:-1], outs[1][:-1], exact)):
+        assert a.dtype == b.dtype, i
+        scale = e.abs().max()
+        assert (a.float() - e).abs().max() <= tol * scale, i
+        assert (b.float() - e).abs().max() <= tol * scale, i
+    assert outs[0][-1] <= 0.6 * outs[1][-1]
+
+
+def test_block_impl_selection():
+    from gam_model import BLOCK_IMPLS, GAMBlock
+
+    assert BLOCK_IMPLS == ("fast", "reference")
+    cfg = small_config()
+    model = GAM_Model(cfg)
+    assert model.block_impl == "fast" and all(b.impl == "fast" for b in model.blocks)
+    ref = GAM_Model(cfg, block_impl="reference")
+    assert all(b.impl == "reference" for b in ref.blocks)
+    assert list(ref.state_dict()) == list(model.state_dict())  # the same state_dict either way
+    assert "impl" not in json.dumps(cfg.to_dict())
+    model.block_impl = "reference"
+    assert model.block_impl == "reference"
+    model.blocks[0].impl = "fast"
+    assert model.block_impl == "mixed"
+    with pytest.raises(ValueError, match="fast"):
+        GAMBlock(cfg, impl="flash")
+    with pytest.raises(ValueError, match="reference"):
+        model.block_impl = "Fast"
+    with pytest.raises(ValueError, match="fast"):
+        GAM_Model(cfg, block_impl=None)
 
 
 # --------------------------------------------------------------------------

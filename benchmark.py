@@ -5,6 +5,7 @@
     python benchmark.py --preset cpu --data-dir wikitext2=PATH/wikitext-2-raw
     python benchmark.py --preset ablation        # Table 3
     python benchmark.py --resume runs/<dir>      # continue a killed run
+    torchrun --standalone --nproc_per_node 4 benchmark.py ...   # data-parallel (README: Multi-GPU)
 
 Every hyperparameter of the paper is a flag whose default is the paper's value;
 a preset changes some of them and explicit flags override the preset. Outputs go
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
@@ -98,9 +100,9 @@ PRESETS = {
     ),
 }
 # What a run records beside PAPER_HPARAMS; config.json also holds "data_fingerprint".
-RUN_KEYS = ["preset", "seeds", "mamba_impl", "runs", "data_dirs", "out_dir", "num_workers"]
+RUN_KEYS = ["preset", "seeds", "mamba_impl", "runs", "data_dirs", "out_dir", "num_workers", "world_size"]
 # Flags that may change on --resume: none of them changes the numbers.
-RESUME_FLAGS = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir"}
+RESUME_FLAGS = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir", "dist_timeout"}
 MAX_SEED = 2**63  # torch.manual_seed and the sampler's generator take seeds below this
 WANDB_PROBE_TIMEOUT_S = 5.0
 WANDB_INIT_TIMEOUT_S = 60.0
@@ -135,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         explicit = explicit_flags(parser, args)
         cfg = resolve_config(args, explicit)
-        device = resolve_device(args.device)
+        device = rank_device(resolve_device(args.device))
         check_folders(cfg, args)
+        distributed.init(device, args.dist_timeout)  # under torchrun; nothing in a plain run
+        cfg["out_dir"] = distributed.gather_objects(cfg["out_dir"])[0]  # rank 0's runs/<timestamp>
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # one copy of the progress lines: rank 0's
         if args.resume:  # the folder already holds a run: a Ctrl-C from here on can be resumed
             where.resume_command = resume_command(cfg, args, explicit)
-        logger = WandbLogger(resolve_wandb_mode(args.wandb, cfg["out_dir"]), args.wandb_project, cfg["out_dir"])
+        mode = resolve_wandb_mode(args.wandb, cfg["out_dir"]) if distributed.is_main() else "disabled"
+        logger = WandbLogger(mode, args.wandb_project, cfg["out_dir"])
         print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {cfg['out_dir']}, wandb {logger.mode}")
         if args.speed_steps:
             return measure_speed(cfg, device, args.speed_steps, where)
@@ -156,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return fail(interrupted_line(where), 130)
     except (MemoryError, RuntimeError, OSError) as e:
+        if distributed.is_peer_failure(e):
+            return fail(f"failed during {where.stage}: another process of the job stopped, hangs or cannot be "
+                        f"reached ({one_line(e)})", 1)
         if not (isinstance(e, OSError) or is_oom(e)):
             raise  # a bug: its traceback is the useful report
         return fail(failure_line(e, where), 1)
@@ -167,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(line: str, code: int) -> int:
-    print(f"benchmark.py: {line}", file=sys.stderr)
+    who = f"benchmark.py (rank {distributed.rank()})" if distributed.world_size() > 1 else "benchmark.py"
+    print(f"{who}: {line}", file=sys.stderr)
     return code
 
 
@@ -226,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: online when logged in to wandb (offline, with a warning, when its server "
                         "cannot be reached), else disabled")
     p.add_argument("--wandb-project", default="gam-reproduction")
+    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others at a collective before "
+                        "the job fails (bounds the hang when one dies)")
     p.add_argument("--unigram-only", action="store_true",
                    help="prepare the data, write the unigram reference PPL to unigram.json, train nothing")
     p.add_argument("--speed-steps", type=positive_int, default=None, metavar="N",
@@ -284,7 +298,8 @@ def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
         runs = {d: args.models or runs.get(d) or ["transformer", "mamba", "gam"] for d in datasets}
     cfg.update(preset=args.preset, seeds=list(args.seeds) if args.seeds else [cfg["seed"]],
                mamba_impl=args.mamba_impl, runs=runs, data_dirs=parse_data_dirs(args.data_dir, runs),
-               out_dir=args.out_dir or default_out_dir(), num_workers=args.num_workers)
+               out_dir=args.out_dir or default_out_dir(), num_workers=args.num_workers,
+               world_size=distributed.world_size())
     validate_config(cfg)
     return cfg
 
@@ -301,15 +316,27 @@ def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) ->
         cfg = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(cfg, dict):
             raise UsageError(f"it holds a JSON {type(cfg).__name__}, not a run config")
+        cfg.setdefault("world_size", 1)  # a config.json from before torchrun support: one process
         validate_config(cfg, saved=True)
     except (OSError, ValueError, TypeError, UsageError) as e:  # JSON and decoding errors are ValueErrors
         why = str(e) if isinstance(e, UsageError) else one_line(e)
         raise UsageError(f"{path} is not a valid benchmark.py config ({why}); restore it, "
                          "or start a fresh run with another --out-dir") from None
+    check_same_world_size(cfg, run_dir)
     cfg["out_dir"] = str(run_dir)
     if "num_workers" in explicit:
         cfg["num_workers"] = args.num_workers
     return cfg
+
+
+def check_same_world_size(cfg: dict, run_dir: Path) -> None:
+    """Each rank's dropout stream and share of the batch depend on the world size: a run
+    resumes with the number of processes it started with."""
+    if cfg["world_size"] != distributed.world_size():
+        launch = "python benchmark.py" if cfg["world_size"] == 1 else \
+            f"torchrun with {cfg['world_size']} processes in all (e.g. --nproc_per_node {cfg['world_size']})"
+        raise UsageError(f"--resume {run_dir}: the run was trained by {cfg['world_size']} process(es), this is "
+                         f"{distributed.world_size()}; resume it with {launch}")
 
 
 def parse_data_dirs(values: list[str] | None, runs: dict) -> dict:
@@ -419,6 +446,12 @@ def validate_run_keys(cfg: dict, saved: bool) -> None:
         raise UsageError(f"data_dirs must map selected datasets to folders, got {data_dirs!r}")
     if not (isinstance(cfg["out_dir"], str) and type(cfg["num_workers"]) is int and cfg["num_workers"] >= 0):
         raise UsageError(f"--num-workers must be >= 0, got {cfg['num_workers']!r}")
+    world = cfg["world_size"]
+    if not (type(world) is int and world >= 1):
+        raise UsageError(f"world_size must be an integer >= 1, got {world!r}")
+    if cfg["batch_size"] % world:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is the global batch, split over {world} processes: "
+                         f"it must be divisible by {world} (e.g. --batch-size {world * max(1, cfg['batch_size'] // world)})")
     if saved:
         fp = cfg["data_fingerprint"]
         if not (isinstance(fp, dict) and set(fp) == set(runs)
@@ -441,6 +474,19 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun on CUDA, each process takes the GPU of its LOCAL_RANK."""
+    if distributed.world_size() == 1 or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise UsageError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                         "pass --device cuda (or auto)")
+    if distributed.local_rank() >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK {distributed.local_rank()}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s); start at most that many processes per node (--nproc_per_node)")
+    return torch.device("cuda", distributed.local_rank())
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
@@ -503,24 +549,34 @@ def prepare_data(cfg: dict, cache: Path, where: Where) -> dict:
         print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "
               f"vocab {info['vocab_size']:,}{unigram}")
         data[dataset] = (train_loader, val_loader, info)
+    check_ranks_agree(cfg["data_fingerprint"])
     return data
+
+
+def check_ranks_agree(fingerprints: dict) -> None:
+    """Under torchrun every process prepares the data itself (on several machines, from its
+    own --data-dir): all must hold the same train and validation sets and tokenizer."""
+    if len({json.dumps(f, sort_keys=True) for f in distributed.gather_objects(fingerprints)}) > 1:
+        raise UsageError("the processes of this job prepared different data (check that --data-dir holds the "
+                         "same files on every machine, and that --cache-dir is not shared by different versions)")
 
 
 def load_dataset(cfg: dict, dataset: str, cache: Path) -> tuple:
     """(train_loader, val_loader, tokenizer or None, info) of one dataset; a DataError is bad input."""
     from data import DataError, build_loaders, build_mqar_loaders
 
+    shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
     try:
         if dataset == "mqar":
             return build_mqar_loaders(
                 vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], num_kv_pairs=cfg["mqar_kv_pairs"],
                 num_train=cfg["mqar_train_examples"], num_validation=cfg["mqar_val_examples"],
-                batch_size=cfg["batch_size"], seed=cfg["seed"], num_workers=cfg["num_workers"])
+                batch_size=cfg["batch_size"], seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
         return build_loaders(
             dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
             batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
             max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"], cache_dir=str(cache),
-            seed=cfg["seed"], num_workers=cfg["num_workers"])
+            seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
     except DataError as e:
         raise UsageError(str(e)) from None
 
@@ -566,6 +622,8 @@ def unigram_perplexity(train_blocks: torch.Tensor, val_blocks: torch.Tensor, voc
 
 
 def write_unigram(data: dict, out_dir: Path) -> int:
+    if not distributed.is_main():
+        return 0
     keys = ("unigram_val_ppl", "vocab_size", "tokenizer_splits", "tokens", "block_size", "rows")
     atomic_write_json(out_dir / "unigram.json", {d: {k: info[k] for k in keys} for d, (_, _, info) in data.items()})
     print(f"unigram reference: {out_dir / 'unigram.json'}")
@@ -581,6 +639,8 @@ SPEED_WARMUP_STEPS = 2  # untimed: the first steps allocate optimizer state and 
 def measure_speed(cfg: dict, device: torch.device, steps: int, where: Where) -> int:
     """Median step time and tokens/s of every model of the run, one step of each in turn, so
     that every model sees the same machine load; random tokens (speed does not depend on them)."""
+    if distributed.world_size() > 1:
+        raise UsageError("--speed-steps times one process: run it with python, not torchrun")
     models = list(dict.fromkeys(m for ms in cfg["runs"].values() for m in ms))
     runs = {m: build_training(cfg, m, cfg["vocab_size"], SPEED_WARMUP_STEPS + steps, device) for m in models}
     g = torch.Generator().manual_seed(cfg["seed"])
@@ -663,15 +723,16 @@ def preflight(cfg: dict, data: dict, device: torch.device, where: Where) -> None
 
 def start_run(cfg: dict, args: argparse.Namespace, explicit: set[str], where: Where) -> None:
     """A fresh run writes its config.json (with the data fingerprint) now, and only now."""
-    if not args.resume:
+    distributed.barrier()  # under torchrun: every process has checked the folders before one is written
+    if not args.resume and distributed.is_main():
         atomic_write_json(Path(cfg["out_dir"]) / "config.json", cfg)
     where.resume_command = resume_command(cfg, args, explicit)
 
 
 def resume_command(cfg: dict, args: argparse.Namespace, explicit: set[str]) -> str:
     """The command that continues this run, with the flags given that --resume accepts."""
-    command = ["python", "benchmark.py", "--resume", cfg["out_dir"]]
-    for key in ("device", "num_workers", "cache_dir", "wandb", "wandb_project"):  # RESUME_FLAGS, in order
+    command = [*distributed.launcher(), "benchmark.py", "--resume", cfg["out_dir"]]
+    for key in ("device", "num_workers", "cache_dir", "wandb", "wandb_project", "dist_timeout"):  # RESUME_FLAGS
         if key in explicit:
             command += [flag(key), str(getattr(args, key))]
     return " ".join(shlex.quote(c) for c in command)
@@ -701,6 +762,8 @@ def read_published(out_dir: Path) -> dict:
 
 
 def write_results(records: list[dict], out_dir: Path) -> None:
+    if not distributed.is_main():
+        return
     atomic_write_json(out_dir / "results.json", records)
     if any(r["model"] in ("gam", "transformer", "mamba") for r in records):
         atomic_write_text(out_dir / "table1.md", table1_markdown(records))
@@ -729,6 +792,13 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
     epochs: list = field(default_factory=list)
+    wrapped: torch.nn.Module | None = None  # under torchrun: the DistributedDataParallel around model
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """What a training step calls: the DDP wrapper (it averages the gradients over the
+        processes) or the model itself. Checkpoints, records and exports use model."""
+        return self.model if self.wrapped is None else self.wrapped
 
 
 def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
@@ -776,7 +846,7 @@ def build_training(cfg: dict, model_name: str, vocab_size: int, n_batches: int, 
                                   weight_decay=cfg["weight_decay"])
     steps = steps_per_epoch(cfg, n_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup_steps"], cfg["epochs"] * steps))
-    return Training(model, mc, optimizer, scheduler, steps)
+    return Training(model, mc, optimizer, scheduler, steps, wrapped=distributed.data_parallel(model, device))
 
 
 def steps_per_epoch(cfg: dict, n_batches: int) -> int:
@@ -822,7 +892,9 @@ def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run,
     for epoch in range(len(t.epochs), cfg["epochs"]):
         where.stage = f"{name} epoch {epoch + 1}/{cfg['epochs']}"
         train_loader.sampler.set_epoch(epoch)  # this epoch's order: a function of (seed, epoch)
+        distributed.reseed(cfg["seed"], epoch)
         train_loss, seconds, tokens = train_epoch(t, train_loader, cfg, device, where.stage, run.log)
+        train_loss, tokens = distributed.all_mean(train_loss), distributed.all_sum([tokens])[0]
         ev = evaluate(t.model, val_loader, device, gam_receptive_field(cfg))
         val_loss = ev["val_loss"]
         if not math.isfinite(val_loss):
@@ -874,7 +946,7 @@ def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str,
 def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> float:
     """One optimizer step (the author's: AdamW, grad-norm clip, per-step schedule); returns the loss."""
     t.optimizer.zero_grad(set_to_none=True)
-    _, loss = t.model(x, y)
+    _, loss = t.net(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
     t.optimizer.step()
@@ -896,7 +968,10 @@ def evaluate(model, loader, device, receptive_field: int | None = None) -> dict:
     from synthetic import recall_accuracy
 
     model.eval()
-    losses, pos_sum, pos_count, predictions = [], 0.0, 0, []
+    T = loader.dataset[0][1].shape[-1]
+    losses, predictions = [], []
+    pos_sum = torch.zeros(T, dtype=torch.float64, device=device)                # (T,)
+    pos_count = torch.zeros(T, dtype=torch.long, device=device)                 # (T,)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits, loss = model(x, y)
@@ -906,10 +981,13 @@ def evaluate(model, loader, device, receptive_field: int | None = None) -> dict:
         pos_sum = pos_sum + per_token.double().sum(0)                       # (T,)
         pos_count = pos_count + (y != -100).sum(0)                          # (T,)
         predictions.append(logits.argmax(-1).cpu())                         # (B, T)
+    # Under torchrun each process evaluated its share of the batches (data.ShardedBatches): sum them.
+    loss_sum, n_batches, pos_sum, pos_count = distributed.all_sum([sum(losses), len(losses), pos_sum, pos_count])
     by_position = torch.where(pos_count > 0, pos_sum / pos_count.clamp(min=1), math.nan)
-    stats = {"val_loss": sum(losses) / len(losses), "val_loss_by_position": by_position.tolist()}
+    stats = {"val_loss": loss_sum / n_batches, "val_loss_by_position": by_position.tolist()}
     dataset = loader.dataset
-    if hasattr(dataset, "distances"):  # the loader is unshuffled: predictions are in dataset order
+    if hasattr(dataset, "distances"):  # unshuffled batches, gathered back: predictions in dataset order
+        predictions = distributed.gather_batches(predictions)
         stats.update(recall_accuracy(torch.cat(predictions), dataset.targets, dataset.distances, receptive_field))
     return stats
 
@@ -919,7 +997,7 @@ def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict
     return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
             "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
             "status": "running", "epochs": t.epochs, "model_config": t.model_config.to_dict(), "data": info,
-            **run_metadata(device), "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
+            **run_metadata(device), **distributed.describe(), "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
 
 
 def is_paper_config(cfg: dict, dataset: str, info: dict) -> bool:
@@ -945,6 +1023,8 @@ EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_ppl", "epoch_time_s", "tok
 
 
 def save_checkpoint(t: Training, train_loader, path: Path) -> None:
+    if not distributed.is_main():
+        return
     atomic_torch_save({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
                        "scheduler": t.scheduler.state_dict(), "rng": rng_state(train_loader),
                        "epochs": t.epochs}, path)
@@ -1151,4 +1231,8 @@ class WandbRun:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        distributed.close()
+    sys.exit(code)

@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 import datasets
 from datasets import DatasetDict
@@ -315,15 +315,17 @@ def build_loaders(
     seed: int = 0,
     num_workers: int = 0,
     show_progress: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader, Tokenizer, dict]:
     """Text -> tokenizer -> blocks -> (train_loader, val_loader, tokenizer, info).
 
     The train order is a function of ``(seed, epoch)`` only: the sampler is a
-    ``DistributedSampler`` (one replica here; under torchrun it gets the rank and world
-    size) and the caller calls ``train_loader.sampler.set_epoch(epoch)`` before each
-    epoch. So the worker count never changes the numbers, and a resumed run needs only
-    the epoch index. Validation is unshuffled; both keep
-    the last partial batch (``drop_last=False``) like the reference code.
+    ``DistributedSampler`` (``rank`` of ``world_size`` replicas) and the caller calls
+    ``train_loader.sampler.set_epoch(epoch)`` before each epoch. So the worker count never
+    changes the numbers, and a resumed run needs only the epoch index. Validation is
+    unshuffled; both keep the last partial batch (``drop_last=False``) like the reference
+    code. ``batch_size`` is the global batch: see make_loaders.
     """
     splits = load_text_splits(source, data_dir=data_dir, max_train_rows=max_train_rows,
                               max_val_rows=max_val_rows)
@@ -333,7 +335,7 @@ def build_loaders(
     blocks = _split_blocks(encode_splits(splits, tokenizer, names=("train", "validation")), block_size)
 
     train_loader, val_loader = make_loaders(blocks["train"], blocks["validation"], batch_size=batch_size,
-                                            seed=seed, num_workers=num_workers)
+                                            seed=seed, num_workers=num_workers, rank=rank, world_size=world_size)
     info = {
         "source": source,
         "data_dir": os.fspath(data_dir) if data_dir is not None else None,
@@ -353,18 +355,45 @@ def build_loaders(
 
 
 def make_loaders(train: Dataset, validation: Dataset, *, batch_size: int, seed: int,
-                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
     """The train loader (order a function of (seed, epoch): see build_loaders) and the
-    unshuffled validation loader; both keep the last partial batch."""
-    sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=False)
+    unshuffled validation loader of one rank; both keep the last partial batch.
+
+    ``batch_size`` is the global batch. Train: each rank takes every world_size-th index of
+    the epoch's permutation, in batches of batch_size / world_size, so step i of the ranks
+    together covers exactly the one-process batch i (the sampler pads the last one with
+    indices from the epoch's start when the set does not divide by world_size). Validation:
+    the one-process batches of batch_size, dealt round-robin (ShardedBatches), no padding.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is the global batch: it must be divisible by "
+                         f"world_size {world_size}")
+    sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=False)
     # Its own generator: DataLoader draws a worker base seed at every iter(), which must
     # not consume the global RNG that dropout uses.
     generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, generator=generator,
+    train_loader = DataLoader(train, batch_size=batch_size // world_size, sampler=sampler, generator=generator,
                               drop_last=False, num_workers=num_workers)
-    val_loader = DataLoader(validation, batch_size=batch_size, shuffle=False, drop_last=False,
+    val_loader = DataLoader(validation, batch_sampler=ShardedBatches(len(validation), batch_size, rank, world_size),
                             num_workers=num_workers)
     return train_loader, val_loader
+
+
+class ShardedBatches(Sampler):
+    """The unshuffled batches of ``range(n)`` in size ``batch_size`` (the last one partial),
+    batch b to rank ``b % world_size``: the ranks split the validation set exactly, with no
+    duplicates, and each evaluates the same batches a single process would."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(self.rank * self.batch_size, self.n, self.world_size * self.batch_size):
+            yield list(range(start, min(start + self.batch_size, self.n)))
+
+    def __len__(self) -> int:
+        return len(range(self.rank * self.batch_size, self.n, self.world_size * self.batch_size))
 
 
 class RecallExamples(Dataset):
@@ -385,7 +414,8 @@ class RecallExamples(Dataset):
 
 def build_mqar_loaders(*, vocab_size: int, block_size: int, num_kv_pairs: int, num_train: int,
                        num_validation: int, batch_size: int, seed: int = 0, num_workers: int = 0,
-                       data_seed: int = 0) -> tuple[DataLoader, DataLoader, None, dict]:
+                       data_seed: int = 0, rank: int = 0,
+                       world_size: int = 1) -> tuple[DataLoader, DataLoader, None, dict]:
     """Multi-query associative recall (SPEC section 8) -> (train_loader, val_loader, None, info).
 
     The examples come from ``data_seed`` (fixed: every model and seed sees the same task);
@@ -399,7 +429,7 @@ def build_mqar_loaders(*, vocab_size: int, block_size: int, num_kv_pairs: int, n
         raise DataError(f"mqar: {e}") from None
     sets = {name: RecallExamples(ex) for name, ex in splits.items()}
     train_loader, val_loader = make_loaders(sets["train"], sets["validation"], batch_size=batch_size,
-                                            seed=seed, num_workers=num_workers)
+                                            seed=seed, num_workers=num_workers, rank=rank, world_size=world_size)
     info = {"source": "mqar", "data_dir": None, "rows": {n: len(d) for n, d in sets.items()},
             "tokens": {n: d.n_tokens for n, d in sets.items()}, "blocks": {n: len(d) for n, d in sets.items()},
             "block_size": block_size, "vocab_size": vocab_size, "vocab_size_requested": vocab_size,

@@ -450,8 +450,9 @@ def validate_run_keys(cfg: dict, saved: bool) -> None:
     if not (type(world) is int and world >= 1):
         raise UsageError(f"world_size must be an integer >= 1, got {world!r}")
     if cfg["batch_size"] % world:
+        fits = world * max(1, cfg["batch_size"] // world)
         raise UsageError(f"--batch-size {cfg['batch_size']} is the global batch, split over {world} processes: "
-                         f"it must be divisible by {world} (e.g. --batch-size {world * max(1, cfg['batch_size'] // world)})")
+                         f"it must be divisible by {world} (e.g. --batch-size {fits})")
     if saved:
         fp = cfg["data_fingerprint"]
         if not (isinstance(fp, dict) and set(fp) == set(runs)
@@ -997,7 +998,8 @@ def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict
     return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
             "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
             "status": "running", "epochs": t.epochs, "model_config": t.model_config.to_dict(), "data": info,
-            **run_metadata(device), **distributed.describe(), "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
+            **run_metadata(device), **distributed.describe(),  # world_size, backend
+            "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
 
 
 def is_paper_config(cfg: dict, dataset: str, info: dict) -> bool:

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args, explicit)
         device = resolve_device(args.device)
         check_folders(cfg, args)
+        if args.report:
+            return write_report(args.report, explicit, Path(cfg["out_dir"]))
         if args.resume:  # the folder already holds a run: a Ctrl-C from here on can be resumed
             where.resume_command = resume_command(cfg, args, explicit)
         logger = WandbLogger(resolve_wandb_mode(args.wandb, cfg["out_dir"]), args.wandb_project, cfg["out_dir"])
@@ -228,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-project", default="gam-reproduction")
     p.add_argument("--unigram-only", action="store_true",
                    help="prepare the data, write the unigram reference PPL to unigram.json, train nothing")
+    p.add_argument("--report", nargs="+", metavar="RUN_DIR",
+                   help="train nothing: read the results.json of these finished runs (e.g. one per model or "
+                        "seed, same settings), check they agree, and write their tables and plots together "
+                        "into --out-dir")
     p.add_argument("--speed-steps", type=positive_int, default=None, metavar="N",
                    help="measure training speed only: N timed optimizer steps per model on random tokens "
                         "(batch, length and models of the run), models interleaved step by step; writes "
@@ -570,6 +576,62 @@ def write_unigram(data: dict, out_dir: Path) -> int:
     atomic_write_json(out_dir / "unigram.json", {d: {k: info[k] for k in keys} for d, (_, _, info) in data.items()})
     print(f"unigram reference: {out_dir / 'unigram.json'}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# --report: the tables and plots of several finished runs, written together.
+
+# Keys two runs of one dataset may differ in without changing what a record measures.
+REPORT_FREE_KEYS = {"seed", "seeds", "runs", "out_dir", "preset", "num_workers", "data_dirs", "mamba_impl"}
+
+
+def write_report(run_dirs: list[str], explicit: set[str], out_dir: Path) -> int:
+    extra = explicit - {"report", "out_dir"}
+    if extra:
+        raise UsageError("--report takes only --out-dir; drop " + " ".join(flag(k) for k in sorted(extra)))
+    records = combined_records([Path(d) for d in run_dirs])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(records, out_dir)
+    for name in ("table1.md", "table3.md", "recall.md"):
+        if (out_dir / name).exists():
+            print((out_dir / name).read_text())
+    print(f"report of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
+    return 0
+
+
+def combined_records(run_dirs: list[Path]) -> list[dict]:
+    """Every record of every run, refusing a (dataset, model, seed) given twice and runs of one
+    dataset whose settings differ (those would not belong in one table)."""
+    records, source, first = [], {}, {}
+    for run_dir in run_dirs:
+        for r in run_records(run_dir):
+            key = (r["dataset"], r["model"], r["seed"])
+            if key in source:
+                raise UsageError(f"--report: {'/'.join(map(str, key))} is in both {source[key]} and {run_dir}; "
+                                 "give each run once")
+            source[key] = run_dir
+            ref_dir, ref = first.setdefault(r["dataset"], (run_dir, r))
+            for k in sorted((set(ref["config"]) & set(r["config"])) - REPORT_FREE_KEYS):
+                if ref["config"][k] != r["config"][k]:
+                    raise UsageError(f"--report: {r['dataset']} runs differ in {k} ({ref_dir}: {ref['config'][k]}, "
+                                     f"{run_dir}: {r['config'][k]}); report them separately")
+            records.append(r)
+    return records
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "results.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--report: cannot read {path} ({one_line(e)}); is {run_dir} a finished run?") from None
+    needed = {"dataset", "model", "config", "epochs", "status"}
+    if not (isinstance(records, list) and records
+            and all(isinstance(r, dict) and needed <= set(r) and isinstance(r["config"], dict) for r in records)):
+        raise UsageError(f"--report: {path} is not a benchmark.py results.json")
+    for r in records:
+        r.setdefault("seed", r["config"].get("seed"))  # records before --seeds carried it in the config only
+    return records
 
 
 # ---------------------------------------------------------------------------------------

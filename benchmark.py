@@ -9,7 +9,8 @@
 Every hyperparameter of the paper is a flag whose default is the paper's value;
 a preset changes some of them and explicit flags override the preset. Outputs go
 to --out-dir: results.json, table1.md, table3.md (ablations), curves.png,
-config.json (the run's settings and a fingerprint of its data) and per-run checkpoints.
+config.json (the run's settings and a fingerprint of its data), per-run checkpoints, every
+finished model under models/<run name>/ (from_pretrained, with its tokenizer) and samples.md.
 
 Exit codes: 0 done; 2 a problem with the command line, the run folder or the data, found
 before anything is written or trained; 1 a failure while training (non-finite loss, out of
@@ -756,6 +757,7 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
         raise
     if record["status"] != "diverged":
         summarize(record)
+        where.stage = f"{dataset}/{model_name} export and samples"
         publish_model(cfg, dataset, model_name, t.model, data, record)
     run.finish(record)
     return record

@@ -9,7 +9,8 @@
 Every hyperparameter of the paper is a flag whose default is the paper's value;
 a preset changes some of them and explicit flags override the preset. Outputs go
 to --out-dir: results.json, table1.md, table3.md (ablations), curves.png,
-config.json (the run's settings and a fingerprint of its data) and per-run checkpoints.
+config.json (the run's settings and a fingerprint of its data), per-run checkpoints, every
+finished model under models/<run name>/ (from_pretrained, with its tokenizer) and samples.md.
 
 Exit codes: 0 done; 2 a problem with the command line, the run folder or the data, found
 before anything is written or trained; 1 a failure while training (non-finite loss, out of
@@ -43,7 +44,7 @@ from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
                        context_markdown, device_description, plot_context, plot_curves, recall_markdown,
-                       run_metadata, table1_markdown, table3_markdown)
+                       run_metadata, samples_markdown, table1_markdown, table3_markdown)
 
 # The Table 3 switches of each GAM variant.
 GAM_VARIANTS = {
@@ -773,7 +774,8 @@ def write_results(records: list[dict], out_dir: Path) -> None:
     language = [r for r in records if r["dataset"] != "mqar"]  # recall scores queries only
     if any(r["epochs"] for r in language):
         plot_context(language, out_dir / "context.png")
-    for name, text in (("context.md", context_markdown(language)), ("recall.md", recall_markdown(records))):
+    for name, text in (("context.md", context_markdown(language)), ("recall.md", recall_markdown(records)),
+                       ("samples.md", samples_markdown(records))):
         if text:
             atomic_write_text(out_dir / name, text)
 
@@ -817,6 +819,8 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
         raise
     if record["status"] != "diverged":
         summarize(record)
+        where.stage = f"{dataset}/{model_name} export and samples"
+        publish_model(cfg, dataset, model_name, t.model, data, record)
     run.finish(record)
     return record
 
@@ -996,6 +1000,65 @@ def summarize(record: dict) -> None:
                   best_val_ppl=min(e["val_ppl"] for e in ep),
                   mean_epoch_time_s=sum(e["epoch_time_s"] for e in ep) / len(ep))
     record.update({f"final_{k}": v for k, v in ep[-1].items() if k.startswith("recall_accuracy")})
+
+
+# ---------------------------------------------------------------------------------------
+# A finished model, published: exported for use (models/<run name>/) and sampled (samples.md).
+
+SAMPLE_PROMPTS, SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS, SAMPLE_TEMPERATURE = 3, 24, 48, 1.0
+
+
+def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record: dict) -> None:
+    """Export the model to <out-dir>/models/<run name>/ (config.json, model.safetensors and the
+    dataset's tokenizer.json; MQAR has no tokenizer) and, on text, record its continuations of
+    fixed validation prompts. Deterministic, so a resumed run re-publishes the same."""
+    _, val_loader, info = data
+    tokenizer = run_tokenizer(cfg, dataset, info)
+    folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
+    try:
+        model.save_pretrained(folder, extra_files={"tokenizer.json": tokenizer.to_str()} if tokenizer else None)
+    except ValueError as e:  # a folder there that holds something else: never overwritten
+        raise RunError(f"cannot export {dataset}/{model_name}: {e}") from None
+    record["export"] = str(folder.relative_to(cfg["out_dir"]))
+    if tokenizer is not None:
+        record["samples"] = sample_continuations(model, val_loader.dataset.blocks, tokenizer, cfg["seed"])
+
+
+def run_tokenizer(cfg: dict, dataset: str, info: dict):
+    """The tokenizer the run was trained with (from its cache file, checked against the run's
+    fingerprint), or None for a dataset without one (MQAR)."""
+    if info.get("tokenizer_path") is None:
+        return None
+    from tokenizers import Tokenizer
+
+    path = info["tokenizer_path"]
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception:
+        tokenizer = None
+    expected = cfg["data_fingerprint"][dataset]["tokenizer"]
+    if tokenizer is None or hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest() != expected:
+        raise RunError(f"the tokenizer cache {path} vanished or changed during the run, so the model cannot be "
+                       f"exported with its tokenizer; resume the run (python benchmark.py --resume {cfg['out_dir']})")
+    return tokenizer
+
+
+@torch.no_grad()
+def sample_continuations(model, blocks: torch.Tensor, tokenizer, seed: int) -> dict:
+    """Greedy and sampled (fixed seed) continuations of the first tokens of the first, middle and
+    last validation blocks, decoded: {"prompts", "greedy", "sampled"} lists of text and settings."""
+    n, length = blocks.shape[0], min(SAMPLE_PROMPT_TOKENS, blocks.shape[1])
+    picks = sorted({round(i * (n - 1) / max(1, SAMPLE_PROMPTS - 1)) for i in range(SAMPLE_PROMPTS)})
+    device = next(model.parameters()).device
+    prompts = blocks[picks, :length].to(device)                              # (P, L)
+    model.eval()
+    out = {"prompts": tokenizer.decode_batch(prompts.tolist()), "new_tokens": SAMPLE_NEW_TOKENS,
+           "temperature": SAMPLE_TEMPERATURE, "seed": seed}
+    for mode, options in (("greedy", {"top_k": 1}), ("sampled", {"temperature": SAMPLE_TEMPERATURE})):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        ids = model.generate(prompts, SAMPLE_NEW_TOKENS, generator=generator, **options)[:, length:]  # (P, new)
+        out[mode] = tokenizer.decode_batch(ids.tolist())
+    return out
 
 
 # ---------------------------------------------------------------------------------------

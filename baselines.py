@@ -204,8 +204,13 @@ class TransformerLM(CausalLM):
         self.implementation = f"transformer-{attention}"
         super().__init__(config)
 
+    family = "transformer"
+
     def _build_block(self, config: ModelConfig) -> nn.Module:
         return TransformerBlock(config, n_head=self.n_head, attention=self.attention)
+
+    def _family_config(self) -> dict:
+        return {"n_head": self.n_head, "attention": self.attention}
 
 
 # ----------------------------------------------------------------------------------------
@@ -387,6 +392,16 @@ class MambaLM(CausalLM):
         del self._device
         if device is not None:
             self.to(device)
+
+    family = "mamba"
+
+    def _family_config(self) -> dict:
+        # Not impl: mamba_ssm and TorchMamba hold the same state_dict; the device decides.
+        return {"d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand, "residual": self.residual}
+
+    @classmethod
+    def _build_for_load(cls, config: ModelConfig, kwargs: dict, device) -> "MambaLM":
+        return cls(config, **{"device": device, **kwargs})  # impl="auto" picks the mixer for the device
 
     def _build_block(self, config: ModelConfig) -> nn.Module:
         mixer, name = build_mamba_mixer(

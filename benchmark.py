@@ -10,7 +10,8 @@
 Every hyperparameter of the paper is a flag whose default is the paper's value;
 a preset changes some of them and explicit flags override the preset. Outputs go
 to --out-dir: results.json, table1.md, table3.md (ablations), curves.png,
-config.json (the run's settings and a fingerprint of its data) and per-run checkpoints.
+config.json (the run's settings and a fingerprint of its data), per-run checkpoints, every
+finished model under models/<run name>/ (from_pretrained, with its tokenizer) and samples.md.
 
 Exit codes: 0 done; 2 a problem with the command line, the run folder or the data, found
 before anything is written or trained; 1 a failure while training (non-finite loss, out of
@@ -45,7 +46,7 @@ from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
                        context_markdown, device_description, plot_context, plot_curves, recall_markdown,
-                       run_metadata, table1_markdown, table3_markdown)
+                       run_metadata, samples_markdown, table1_markdown, table3_markdown)
 
 # The Table 3 switches of each GAM variant.
 GAM_VARIANTS = {
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args, explicit)
         device = rank_device(resolve_device(args.device))
         check_folders(cfg, args)
+        if args.report:  # trains nothing, in one process: before (and without) a process group
+            if distributed.world_size() > 1:
+                raise UsageError("--report trains nothing: run it with python, not torchrun")
+            return write_report(args.report, explicit, Path(cfg["out_dir"]))
         distributed.init(device, args.dist_timeout)  # under torchrun; nothing in a plain run
         cfg["out_dir"] = distributed.gather_objects(cfg["out_dir"])[0]  # rank 0's runs/<timestamp>
         if not distributed.is_main():
@@ -242,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the job fails (bounds the hang when one dies)")
     p.add_argument("--unigram-only", action="store_true",
                    help="prepare the data, write the unigram reference PPL to unigram.json, train nothing")
+    p.add_argument("--report", nargs="+", metavar="RUN_DIR",
+                   help="train nothing: read the results.json of these finished runs (e.g. one per model or "
+                        "seed, same settings), check they agree, and write their tables and plots together "
+                        "into --out-dir")
     p.add_argument("--speed-steps", type=positive_int, default=None, metavar="N",
                    help="measure training speed only: N timed optimizer steps per model on random tokens "
                         "(batch, length and models of the run), models interleaved step by step; writes "
@@ -503,7 +512,8 @@ def check_folders(cfg: dict, args: argparse.Namespace) -> None:
     out = Path(cfg["out_dir"])
     if not args.resume and out.is_dir() and is_run_dir(out):
         raise UsageError(f"--out-dir {out} already holds a run; continue it with "
-                         f"`python benchmark.py --resume {shlex.quote(str(out))}`, or choose another --out-dir")
+                         f"`{shlex.join(distributed.launcher())} benchmark.py --resume {shlex.quote(str(out))}`, "
+                         "or choose another --out-dir")
     check_writable(out, "--resume" if args.resume else "--out-dir")
     check_writable(cache_dir(args), "--cache-dir")
 
@@ -629,6 +639,63 @@ def write_unigram(data: dict, out_dir: Path) -> int:
     atomic_write_json(out_dir / "unigram.json", {d: {k: info[k] for k in keys} for d, (_, _, info) in data.items()})
     print(f"unigram reference: {out_dir / 'unigram.json'}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# --report: the tables and plots of several finished runs, written together.
+
+# Keys two runs of one dataset may differ in without changing what a record measures.
+REPORT_FREE_KEYS = {"seed", "seeds", "runs", "out_dir", "preset", "num_workers", "data_dirs", "mamba_impl",
+                    "world_size"}  # the same global batch on 1 or W processes
+
+
+def write_report(run_dirs: list[str], explicit: set[str], out_dir: Path) -> int:
+    extra = explicit - {"report", "out_dir"}
+    if extra:
+        raise UsageError("--report takes only --out-dir; drop " + " ".join(flag(k) for k in sorted(extra)))
+    records = combined_records([Path(d) for d in run_dirs])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(records, out_dir)
+    for name in ("table1.md", "table3.md", "recall.md"):
+        if (out_dir / name).exists():
+            print((out_dir / name).read_text())
+    print(f"report of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
+    return 0
+
+
+def combined_records(run_dirs: list[Path]) -> list[dict]:
+    """Every record of every run, refusing a (dataset, model, seed) given twice and runs of one
+    dataset whose settings differ (those would not belong in one table)."""
+    records, source, first = [], {}, {}
+    for run_dir in run_dirs:
+        for r in run_records(run_dir):
+            key = (r["dataset"], r["model"], r["seed"])
+            if key in source:
+                raise UsageError(f"--report: {'/'.join(map(str, key))} is in both {source[key]} and {run_dir}; "
+                                 "give each run once")
+            source[key] = run_dir
+            ref_dir, ref = first.setdefault(r["dataset"], (run_dir, r))
+            for k in sorted((set(ref["config"]) & set(r["config"])) - REPORT_FREE_KEYS):
+                if ref["config"][k] != r["config"][k]:
+                    raise UsageError(f"--report: {r['dataset']} runs differ in {k} ({ref_dir}: {ref['config'][k]}, "
+                                     f"{run_dir}: {r['config'][k]}); report them separately")
+            records.append(r)
+    return records
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "results.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--report: cannot read {path} ({one_line(e)}); is {run_dir} a finished run?") from None
+    needed = {"dataset", "model", "config", "epochs", "status"}
+    if not (isinstance(records, list) and records
+            and all(isinstance(r, dict) and needed <= set(r) and isinstance(r["config"], dict) for r in records)):
+        raise UsageError(f"--report: {path} is not a benchmark.py results.json")
+    for r in records:
+        r.setdefault("seed", r["config"].get("seed"))  # records before --seeds carried it in the config only
+    return records
 
 
 # ---------------------------------------------------------------------------------------
@@ -775,7 +842,8 @@ def write_results(records: list[dict], out_dir: Path) -> None:
     language = [r for r in records if r["dataset"] != "mqar"]  # recall scores queries only
     if any(r["epochs"] for r in language):
         plot_context(language, out_dir / "context.png")
-    for name, text in (("context.md", context_markdown(language)), ("recall.md", recall_markdown(records))):
+    for name, text in (("context.md", context_markdown(language)), ("recall.md", recall_markdown(records)),
+                       ("samples.md", samples_markdown(records))):
         if text:
             atomic_write_text(out_dir / name, text)
 
@@ -826,6 +894,8 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
         raise
     if record["status"] != "diverged":
         summarize(record)
+        where.stage = f"{dataset}/{model_name} export and samples"
+        publish_model(cfg, dataset, model_name, t.model, data, record)
     run.finish(record)
     return record
 
@@ -1014,6 +1084,67 @@ def summarize(record: dict) -> None:
                   best_val_ppl=min(e["val_ppl"] for e in ep),
                   mean_epoch_time_s=sum(e["epoch_time_s"] for e in ep) / len(ep))
     record.update({f"final_{k}": v for k, v in ep[-1].items() if k.startswith("recall_accuracy")})
+
+
+# ---------------------------------------------------------------------------------------
+# A finished model, published: exported for use (models/<run name>/) and sampled (samples.md).
+
+SAMPLE_PROMPTS, SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS, SAMPLE_TEMPERATURE = 3, 24, 48, 1.0
+
+
+def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record: dict) -> None:
+    """Export the model to <out-dir>/models/<run name>/ (config.json, model.safetensors and the
+    dataset's tokenizer.json; MQAR has no tokenizer) and, on text, record its continuations of
+    fixed validation prompts. Deterministic, so a resumed run re-publishes the same."""
+    if not distributed.is_main():
+        return
+    _, val_loader, info = data
+    tokenizer = run_tokenizer(cfg, dataset, info)
+    folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
+    try:
+        model.save_pretrained(folder, extra_files={"tokenizer.json": tokenizer.to_str()} if tokenizer else None)
+    except ValueError as e:  # a folder there that holds something else: never overwritten
+        raise RunError(f"cannot export {dataset}/{model_name}: {e}") from None
+    record["export"] = str(folder.relative_to(cfg["out_dir"]))
+    if tokenizer is not None:
+        record["samples"] = sample_continuations(model, val_loader.dataset.blocks, tokenizer, cfg["seed"])
+
+
+def run_tokenizer(cfg: dict, dataset: str, info: dict):
+    """The tokenizer the run was trained with (from its cache file, checked against the run's
+    fingerprint), or None for a dataset without one (MQAR)."""
+    if info.get("tokenizer_path") is None:
+        return None
+    from tokenizers import Tokenizer
+
+    path = info["tokenizer_path"]
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception:
+        tokenizer = None
+    expected = cfg["data_fingerprint"][dataset]["tokenizer"]
+    if tokenizer is None or hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest() != expected:
+        raise RunError(f"the tokenizer cache {path} vanished or changed during the run, so the model cannot be "
+                       f"exported with its tokenizer; resume the run (python benchmark.py --resume {cfg['out_dir']})")
+    return tokenizer
+
+
+@torch.no_grad()
+def sample_continuations(model, blocks: torch.Tensor, tokenizer, seed: int) -> dict:
+    """Greedy and sampled (fixed seed) continuations of the first tokens of the first, middle and
+    last validation blocks, decoded: {"prompts", "greedy", "sampled"} lists of text and settings."""
+    n, length = blocks.shape[0], min(SAMPLE_PROMPT_TOKENS, blocks.shape[1])
+    picks = sorted({round(i * (n - 1) / max(1, SAMPLE_PROMPTS - 1)) for i in range(SAMPLE_PROMPTS)})
+    device = next(model.parameters()).device
+    prompts = blocks[picks, :length].to(device)                              # (P, L)
+    model.eval()
+    out = {"prompts": tokenizer.decode_batch(prompts.tolist()), "new_tokens": SAMPLE_NEW_TOKENS,
+           "temperature": SAMPLE_TEMPERATURE, "seed": seed}
+    for mode, options in (("greedy", {"top_k": 1}), ("sampled", {"temperature": SAMPLE_TEMPERATURE})):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        ids = model.generate(prompts, SAMPLE_NEW_TOKENS, generator=generator, **options)[:, length:]  # (P, new)
+        out[mode] = tokenizer.decode_batch(ids.tolist())
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import statistics
 import tempfile
@@ -358,3 +359,31 @@ def recall_markdown(records: list[dict]) -> str:
             f"query sees the key and its value; {counts[0]} queries), 'beyond R' the others ({counts[1]} queries), "
             "which a model that sees R tokens can only guess. With several seeds: mean ± standard deviation.")
     return "\n".join(lines + ["", note]) + "\n"
+
+
+def samples_markdown(records: list[dict]) -> str:
+    """samples.md: each validation prompt, then every model's greedy and sampled continuation
+    side by side (a table per prompt), per dataset and seed; "" when no record has samples."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("samples"):
+            groups.setdefault((r["dataset"], r["seed"]), []).append(r)
+    if not groups:
+        return ""
+    first = next(iter(groups.values()))[0]["samples"]
+    lines = ["# Samples", "", f"Each trained model continues the same validation prompts by {first['new_tokens']} "
+             f"tokens: greedy, and sampled at temperature {first['temperature']:g} with the run's seed. Decoded "
+             "with the dataset's tokenizer, which has no decoder: tokens are joined by spaces."]
+    for (dataset, seed), group in groups.items():
+        for i, prompt in enumerate(group[0]["samples"]["prompts"]):
+            lines += ["", f"## {dataset}, seed {seed}, prompt {i + 1}", "", f"> {markdown_text(prompt)}", "",
+                      "| Model | Greedy | Sampled |", "|---|---|---|"]
+            lines += [f"| {r['model']} | {markdown_text(r['samples']['greedy'][i])} | "
+                      f"{markdown_text(r['samples']['sampled'][i])} |" for r in group]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_text(text: str) -> str:
+    """Model output as literal text on one line (a table cell): markdown's active characters escaped."""
+    text = re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", " ".join(text.split()))
+    return "\\" + text if text[:1] in ("#", "+", "-", "=") else text  # not a heading or list item

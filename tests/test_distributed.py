@@ -22,6 +22,7 @@ import torch
 import benchmark
 import data
 import distributed
+from gam_model import GAM_Model
 from test_benchmark import tiny_args
 from test_benchmark_faults import resume_args, run_main, snapshot
 
@@ -90,11 +91,14 @@ def test_torchrun_trains_the_numbers_of_one_process(ddp_run, tmp_path):
             counts = [k for k in eb if k.startswith(("recall_count", "recall_correct"))]
             assert (a["dataset"] == "mqar") == bool(counts)
             assert {k: ea[k] for k in counts} == {k: eb[k] for k in counts}  # all 40 examples, none twice
-    # The checkpoint holds the bare model's weights: it loads in a one-process run.
+    # The checkpoint and the export hold the bare model's weights: they load in a one-process run.
     saved = torch.load(out / "checkpoints" / "synthetic-gam.pt", weights_only=True)["model"]
     cfg = records(single)[0]["config"]
     model, _ = benchmark.build_model(cfg, "gam", records(single)[0]["data"]["vocab_size"], torch.device("cpu"), "auto")
     model.load_state_dict(saved)
+    exported = GAM_Model.from_pretrained(out / records(out)[0]["export"])
+    assert all(torch.equal(v, saved[k]) for k, v in exported.state_dict().items())
+    assert set(records(out)[0]["samples"]) == set(records(single)[0]["samples"])  # sampled once, by rank 0
 
 
 STALLING_RANK = """

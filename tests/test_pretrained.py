@@ -1,0 +1,314 @@
+"""Saved models: CausalLM.save_pretrained / from_pretrained (config.json + model.safetensors) for
+the three families, their refusals, and benchmark.py's export (models/<run>/, tokenizer.json,
+samples.md), resumed runs included, and the README's "Use a trained model" example."""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+import benchmark
+import reporting
+from baselines import MambaLM, TransformerLM
+from gam_model import CausalLM, GAM_Model, ModelConfig
+from test_benchmark import tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = dict(VOCAB_SIZE=40, BLOCK_SIZE=16, N_EMBED=16, N_LAYER=2, NUM_MEMORY_SLOTS=8, DROPOUT=0.1)
+MODELS = {  # name -> (class, ModelConfig overrides, constructor arguments)
+    "gam": (GAM_Model, {}, {}),
+    "gam-sum-fusion": (GAM_Model, dict(USE_GATE=False), {}),
+    "gam-local-only-k4": (GAM_Model, dict(USE_GATE=False, USE_GLOBAL=False, CONV_KERNEL_SIZE=4), {}),
+    "transformer": (TransformerLM, {}, dict(n_head=4, attention="naive")),
+    "mamba": (MambaLM, {}, dict(d_state=4, d_conv=3, expand=2, impl="torch")),
+    "mamba-residual": (MambaLM, {}, dict(d_state=4, expand=2, residual=True, impl="torch")),
+}
+
+
+def make_model(name: str) -> CausalLM:
+    """A model whose weights are not what any fresh build would give (so a load that does
+    nothing cannot pass): every parameter shifted by seeded noise."""
+    cls, overrides, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    model = cls(ModelConfig(**CONFIG, **overrides), **kwargs)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def ids(batch=2, length=16) -> torch.Tensor:
+    return torch.randint(0, CONFIG["VOCAB_SIZE"], (batch, length), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_round_trip_gives_the_same_class_weights_and_logits(tmp_path, name):
+    model = make_model(name)
+    model.save_pretrained(tmp_path / "m")
+    for loader in (type(model), CausalLM):  # the family's class, and the frame dispatching on the family
+        loaded = loader.from_pretrained(tmp_path / "m")
+        assert type(loaded) is type(model) and loaded.config == model.config and not loaded.training
+        assert loaded._family_config() == model._family_config()
+        assert torch.equal(loaded(ids())[0], model(ids())[0])  # exact: the same weights, the same function
+    if isinstance(model, MambaLM):
+        assert loaded.implementation == "mamba-torch-pscan"
+
+
+def test_tied_weights_are_stored_once_and_tied_after_load(tmp_path):
+    model = make_model("gam")
+    model.save_pretrained(tmp_path / "m")
+    with safe_open(tmp_path / "m" / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        stored = sum(f.get_tensor(k).numel() for k in names)
+    assert "head.weight" in names and "token_embedding.weight" not in names
+    assert stored == model.num_params()  # every distinct parameter exactly once
+    loaded = GAM_Model.from_pretrained(tmp_path / "m")
+    assert loaded.head.weight is loaded.token_embedding.weight
+    with torch.no_grad():
+        loaded.head.weight[0, 0] += 1.0  # one tensor: the embedding moves with the head
+    assert loaded.token_embedding.weight[0, 0] == loaded.head.weight[0, 0]
+
+
+def test_config_json_names_the_family_and_what_rebuilds_it(tmp_path):
+    make_model("mamba-residual").save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["family"] == "mamba" and config["dtype"] == "float32"
+    assert config["family_config"] == {"d_state": 4, "d_conv": 4, "expand": 2, "residual": True}
+    assert config["model_config"] == ModelConfig(**CONFIG).to_dict()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "m", *(tmp_path / "m").iterdir()):  # shared like any file: not mkdtemp's 0700
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
+
+
+def test_keyword_arguments_choose_what_the_saved_function_leaves_open(tmp_path):
+    make_model("gam").save_pretrained(tmp_path / "gam")
+    make_model("transformer").save_pretrained(tmp_path / "tf")
+    gam = GAM_Model.from_pretrained(tmp_path / "gam", block_impl="reference").eval()
+    tf = CausalLM.from_pretrained(tmp_path / "tf", attention="sdpa").eval()
+    assert gam.block_impl == "reference" and tf.attention == "sdpa"
+    torch.testing.assert_close(gam(ids())[0], make_model("gam")(ids())[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tf(ids())[0], make_model("transformer")(ids())[0], rtol=1e-5, atol=1e-5)
+
+
+def test_weights_keep_their_dtype_and_the_rng_is_left_alone(tmp_path):
+    model = make_model("gam").to(torch.float64)
+    model.save_pretrained(tmp_path / "m")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    loaded = GAM_Model.from_pretrained(tmp_path / "m", device="cpu")
+    assert torch.equal(torch.rand(3), expected)  # building the model drew no numbers from the global RNG
+    assert loaded.head.weight.dtype == torch.float64
+    assert torch.equal(loaded(ids())[0], model(ids())[0])
+
+
+def test_another_family_is_refused_naming_the_class_to_use(tmp_path):
+    make_model("transformer").save_pretrained(tmp_path / "tf")
+    make_model("gam").save_pretrained(tmp_path / "gam")
+    with pytest.raises(ValueError, match="holds a transformer model, not a GAM_Model.*TransformerLM.from_pretrained"):
+        GAM_Model.from_pretrained(tmp_path / "tf")
+    with pytest.raises(ValueError, match="holds a gam model, not a MambaLM"):
+        MambaLM.from_pretrained(tmp_path / "gam")
+
+
+def rewrite_weights(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("blocks.1.memory_bank"), r"missing blocks\.1\.memory_bank"),
+    (lambda t: t.update(extra=torch.zeros(2)), "unexpected extra"),
+    (lambda t: t.update({"token_embedding.weight": t["head.weight"].clone()}), "unexpected token_embedding"),
+    (lambda t: t.update({"ln_f.weight": torch.ones(8)}), "does not fit"),
+])
+def test_tensors_that_do_not_match_the_config_are_a_value_error(tmp_path, edit, message):
+    make_model("gam").save_pretrained(tmp_path / "m")
+    rewrite_weights(tmp_path / "m", edit)
+    with pytest.raises(ValueError, match=message) as e:
+        GAM_Model.from_pretrained(tmp_path / "m")
+    assert "model.safetensors" in str(e.value) and "save_pretrained" in str(e.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "config.json").unlink(), "config.json is missing"),
+    (lambda f: (f / "config.json").write_text("{}"), "not a saved-model config"),
+    (lambda f: (f / "model.safetensors").write_bytes(b"garbage"), "model.safetensors is unreadable"),
+    (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is unreadable"),
+])
+def test_a_damaged_folder_is_a_value_error(tmp_path, damage, message):
+    make_model("gam").save_pretrained(tmp_path / "m")
+    damage(tmp_path / "m")
+    with pytest.raises(ValueError, match=message):
+        CausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_missing_safetensors_names_the_package(tmp_path, monkeypatch):
+    model = make_model("gam")
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors now raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    for call in (lambda: model.save_pretrained(tmp_path / "n"), lambda: GAM_Model.from_pretrained(tmp_path / "m")):
+        with pytest.raises(ImportError, match="pip install safetensors"):
+            call()
+    assert not (tmp_path / "n").exists()
+
+
+def test_overwrite_policy(tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no saved model"):
+        make_model("gam").save_pretrained(other)
+    assert [p.name for p in other.iterdir()] == ["a.txt"]  # untouched
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        make_model("gam").save_pretrained(tmp_path / "file")
+
+    folder = tmp_path / "m"
+    folder.mkdir()  # an empty folder is fine
+    make_model("gam").save_pretrained(folder, extra_files={"tokenizer.json": "{}", "notes.bin": b"\x00"})
+    (folder / "README.md").write_text("kept")
+    make_model("transformer").save_pretrained(folder)  # a saved model is replaced, other files kept
+    assert isinstance(CausalLM.from_pretrained(folder), TransformerLM)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                  "notes.bin", "README.md"}
+    assert (folder / "README.md").read_text() == "kept" and (folder / "notes.bin").read_bytes() == b"\x00"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m", "notes"]  # no temporary folder left
+
+
+def test_a_failed_save_leaves_the_old_model(tmp_path):
+    folder = tmp_path / "m"
+    make_model("gam").save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(TypeError):
+        make_model("transformer").save_pretrained(folder, extra_files={"bad": 3})  # fails while writing
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark.py: models/<run>/ and samples.md
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """A tiny finished run of the three families, in <tmp>/runs/smoke (the README's path)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("pretrained") / "runs" / "smoke"
+    assert benchmark.main(tiny_args(out, models=("transformer", "mamba", "gam"), epochs=1)) == 0
+    return out
+
+
+def trained_model(run: Path, model_name: str) -> CausalLM:
+    """The trained model as the run's checkpoint holds it (independent of the export)."""
+    cfg = json.loads((run / "config.json").read_text())
+    record = next(r for r in json.loads((run / "results.json").read_text()) if r["model"] == model_name)
+    model, _ = benchmark.build_model(cfg, model_name, record["data"]["vocab_size"], torch.device("cpu"), "torch")
+    model.load_state_dict(torch.load(run / "checkpoints" / f"synthetic-{model_name}.pt", weights_only=True)["model"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "mamba", "gam"])
+def test_benchmark_exports_each_model_with_its_tokenizer(smoke_run, model_name):
+    folder = smoke_run / "models" / f"synthetic-{model_name}"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    loaded = (GAM_Model if model_name == "gam" else CausalLM).from_pretrained(folder).eval()
+    trained = trained_model(smoke_run, model_name)
+    assert type(loaded) is type(trained)
+    x = torch.randint(0, loaded.config.VOCAB_SIZE, (2, loaded.config.BLOCK_SIZE))
+    assert torch.equal(loaded(x)[0], trained(x)[0])  # the trained model, exactly
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    fingerprint = json.loads((smoke_run / "config.json").read_text())["data_fingerprint"]["synthetic"]
+    assert hashlib.sha256(tokenizer.to_str().encode()).hexdigest() == fingerprint["tokenizer"]  # the run's own
+    assert tokenizer.get_vocab_size() == loaded.config.VOCAB_SIZE
+
+
+def test_benchmark_writes_samples(smoke_run):
+    records = json.loads((smoke_run / "results.json").read_text())
+    prompts = records[0]["samples"]["prompts"]
+    assert len(prompts) == benchmark.SAMPLE_PROMPTS and all(prompts)
+    for r in records:
+        s = r["samples"]
+        assert r["export"] == f"models/synthetic-{r['model']}" and s["prompts"] == prompts  # the same prompts
+        assert len(s["greedy"]) == len(s["sampled"]) == len(prompts) and all(s["greedy"]) and all(s["sampled"])
+    text = (smoke_run / "samples.md").read_text()
+    assert text == reporting.samples_markdown(records)
+    for model_name in ("transformer", "mamba", "gam"):
+        assert text.count(f"\n| {model_name} | ") == len(prompts)
+
+
+def test_greedy_sample_is_the_model_argmax(smoke_run):
+    """The recorded greedy continuation is what the exported model decodes greedily, step by step."""
+    folder = smoke_run / "models" / "synthetic-gam"
+    record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == "gam")
+    model, tokenizer = GAM_Model.from_pretrained(folder).eval(), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    val = benchmark.load_dataset(record["config"], "synthetic", smoke_run.parent.parent / "cache")[1].dataset.blocks
+    idx = val[:1, :benchmark.SAMPLE_PROMPT_TOKENS]
+    for _ in range(benchmark.SAMPLE_NEW_TOKENS):  # the reference: argmax of forward on the cropped context
+        idx = torch.cat([idx, model(idx[:, -model.config.BLOCK_SIZE:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert tokenizer.decode(idx[0, benchmark.SAMPLE_PROMPT_TOKENS:].tolist()) == record["samples"]["greedy"][0]
+
+
+def test_resume_republishes_the_same(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    shutil.rmtree(run / "models")
+    (run / "samples.md").unlink()
+    assert benchmark.main(["--resume", str(run), "--cache-dir", str(smoke_run.parent.parent / "cache")]) == 0
+    capsys.readouterr()
+    for name in ("samples.md", *(f"models/synthetic-{m}/{f}" for m in ("transformer", "mamba", "gam")
+                                 for f in ("config.json", "model.safetensors", "tokenizer.json"))):
+        assert (run / name).read_bytes() == (smoke_run / name).read_bytes(), name
+
+
+def test_no_tokenizer_no_tokenizer_json_and_no_samples(tmp_path):
+    """MQAR has no tokenizer: the model is exported alone and not sampled."""
+    cfg = {"out_dir": str(tmp_path), "seed": 0, "seeds": [0]}
+    record = {}
+    benchmark.publish_model(cfg, "mqar", "gam", make_model("gam"), (None, None, {"tokenizer_path": None}), record)
+    assert {p.name for p in (tmp_path / "models" / "mqar-gam").iterdir()} == {"config.json", "model.safetensors"}
+    assert record == {"export": "models/mqar-gam"}
+
+
+def test_a_changed_tokenizer_cache_is_refused(smoke_run, tmp_path):
+    other = tmp_path / "tok.json"
+    tok = Tokenizer.from_file(str(smoke_run / "models" / "synthetic-gam" / "tokenizer.json"))
+    tok.add_tokens(["zzz"])
+    tok.save(str(other))
+    cfg = {"out_dir": str(tmp_path), "data_fingerprint": {"synthetic": {"tokenizer": "0" * 64}}}
+    with pytest.raises(benchmark.RunError, match="vanished or changed"):
+        benchmark.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(other)})
+    with pytest.raises(benchmark.RunError, match="vanished or changed"):
+        benchmark.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(tmp_path / "gone.json")})
+
+
+def test_samples_markdown_escapes_model_text():
+    samples = {"prompts": ["a | b"], "greedy": ["*x*\nnew line"], "sampled": ["# [y](z)"],
+               "new_tokens": 48, "temperature": 1.0, "seed": 0}
+    text = reporting.samples_markdown([{"dataset": "d", "seed": 0, "model": "gam", "samples": samples}])
+    assert "> a \\| b" in text and "| gam | \\*x\\* new line | \\# \\[y\\](z) |" in text
+    assert reporting.samples_markdown([{"dataset": "mqar", "seed": 0, "model": "gam"}]) == ""
+
+
+def test_readme_use_a_trained_model_runs(smoke_run, monkeypatch, capsys):
+    """The README's "Use a trained model" block runs as written, on the folder a smoke run leaves."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use a trained model", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "from_pretrained" in snippet and "runs/smoke/models/synthetic-gam" in snippet
+    monkeypatch.chdir(smoke_run.parent.parent)
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("The weaver of the tower is") and len(out.split()) > 12  # prompt plus continuation

@@ -1,0 +1,53 @@
+"""benchmark.py --report: the tables of several finished runs, written together."""
+import json
+
+import pytest
+
+import benchmark
+from test_benchmark import tiny_args
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A GAM run and a Transformer run of the same tiny setup, one epoch each."""
+    root = tmp_path_factory.mktemp("report")
+    assert benchmark.main(tiny_args(root / "gam", epochs=1)) == 0
+    assert benchmark.main(tiny_args(root / "transformer", models=("transformer",), epochs=1)) == 0
+    return root
+
+
+def test_report_combines_the_records_of_several_runs(two_runs, capsys):
+    out = two_runs / "both"
+    assert benchmark.main(["--report", str(two_runs / "gam"), str(two_runs / "transformer"),
+                           "--out-dir", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    runs = [json.loads((two_runs / m / "results.json").read_text())[0] for m in ("gam", "transformer")]
+    assert records == runs  # every record as its run wrote it, in the order given
+    table = (out / "table1.md").read_text()
+    for r in runs:
+        row = next(line for line in table.splitlines() if f"| {r['model']} (" in line)
+        assert f"{r['final_val_loss']:.4f}" in row
+    assert (out / "curves.png").is_file() and "report of 2 records" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    pytest.param("twice", "is in both", id="same-run-twice"),
+    pytest.param("other-lr", "differ in lr", id="different-settings"),
+    pytest.param("no-results", "cannot read", id="not-a-run"),
+    pytest.param("extra-flag", "takes only --out-dir", id="training-flag"),
+])
+def test_report_refuses_what_does_not_belong_in_one_table(two_runs, tmp_path, capsys, case, message):
+    gam = str(two_runs / "gam")
+    if case == "other-lr":
+        other = tmp_path / "lr"
+        assert benchmark.main(tiny_args(other, "--lr", "0.02", "--seed", "5", epochs=1)) == 0
+        dirs = [gam, str(other)]
+    else:
+        dirs = {"twice": [gam, gam], "no-results": [gam, str(tmp_path)], "extra-flag": [gam]}[case]
+    extra = ["--epochs", "3"] if case == "extra-flag" else []
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert benchmark.main(["--report", *dirs, *extra, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written

@@ -21,6 +21,7 @@ memory, a full disk); 130 interrupted, with the command that resumes the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -66,12 +67,16 @@ PAPER_HPARAMS = dict(
     batch_size=32, lr=3e-4, beta1=0.9, beta2=0.95, weight_decay=0.1, warmup_steps=100,
     epochs=5, grad_clip=1.0, max_train_rows=50000, max_val_rows=5000, max_train_blocks=None,
     tokenizer_splits="train", attention="naive", mamba_residual=False, seed=1337,
+    dtype="fp32", compile=False,
 )
 # The associative-recall task (--datasets mqar; SPEC section 8): Zoology's MQAR. vocab_size and
 # block_size set its vocabulary and sequence length.
 MQAR_HPARAMS = dict(mqar_kv_pairs=4, mqar_train_examples=40000, mqar_val_examples=1000)
 CHOICES = {"tokenizer_splits": ["train", "all"], "attention": ["naive", "sdpa"],
-           "mamba_impl": list(MAMBA_IMPLS)}
+           "mamba_impl": list(MAMBA_IMPLS), "dtype": ["fp32", "bf16", "fp16"]}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+# The training loss is read on the host (a device sync) every LOG_EVERY steps, not every step.
+LOG_EVERY = 25
 
 PRESETS = {
     # Table 1 as reported: Mamba only on WikiText-2.
@@ -84,14 +89,16 @@ PRESETS = {
         vocab_size=1000, block_size=128, n_embed=64, n_layer=2, n_head=4, num_memory_slots=64,
         d_state=8, expand=2, batch_size=16, lr=5e-3, warmup_steps=20, epochs=5,
     ),
-    # Associative recall (MQAR, SPEC section 8), generated in code. The settings at which the
-    # Transformer was seen to form the lookup on a CPU (exploration: assets/recall-explore/);
-    # learned in ~4,800 steps, after a plateau near 1 / pairs. GAM's receptive field is 5 here.
+    # Associative recall (MQAR, SPEC section 8), generated in code, sized to ~15 minutes for all
+    # three models on 2 CPU cores: 5,000 steps. That is short of what the Transformer needs to form
+    # the key lookup here (once seen at ~4,800 of 10,000 steps, often not at all: it sits on a
+    # plateau near 1 / pairs; assets/recall-explore/); more --mqar-train-examples / --epochs give
+    # it the time. GAM's receptive field is 5 tokens here.
     "recall": dict(
         runs={"mqar": ["transformer", "mamba", "gam"]},
         vocab_size=1024, block_size=64, n_embed=64, n_layer=2, n_head=4, num_memory_slots=64, d_state=8,
         expand=2, dropout=0.0, batch_size=16, lr=1e-2, warmup_steps=100, epochs=4,
-        mqar_kv_pairs=4, mqar_train_examples=40000, mqar_val_examples=1000,
+        mqar_kv_pairs=4, mqar_train_examples=20000, mqar_val_examples=1000,
     ),
     # WikiText-2 from local files, models scaled down to fit 2 CPU cores in < 30 minutes.
     "cpu": dict(
@@ -196,6 +203,7 @@ HELP = {
     "max_train_rows": "row cap of the train split (as the author's code); ",
     "max_val_rows": "row cap of the validation split; ",
     "seed": "seeds model init, dropout and shuffling; the paper used no seed; ",
+    "compile": "torch.compile the model (Module.compile: the numbers stay, only the speed changes); ",
 }
 
 
@@ -207,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="presets: paper = Table 1 (WikiText-2: Transformer, Mamba, GAM; TinyStories: Transformer, GAM); "
                "ablation = Table 3 (four GAM variants on WikiText-2); smoke = embedded synthetic corpus, "
                "tiny models, no network (~2 min on 2 CPU cores); cpu = WikiText-2 from --data-dir with "
-               "models scaled down for 2 CPU cores (< 30 min); recall = multi-query associative recall (MQAR), "
+               "models scaled down for 2 CPU cores (< 30 min); recall = multi-query associative recall (MQAR, ~15 min on 2 CPU cores), "
                "GAM vs Transformer vs Mamba, recall accuracy within and beyond GAM's receptive field. "
                "Exit codes: 0 done, 1 failed while training, "
                "2 bad input (nothing written), 130 interrupted (prints the --resume command).",
@@ -263,7 +271,12 @@ def add_hparam_flags(g) -> None:
     for name, value in PAPER_HPARAMS.items():
         option = flag(name)
         if isinstance(value, bool):
-            g.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=f"paper: {value}")
+            g.add_argument(option, action=argparse.BooleanOptionalAction, default=None,
+                           help=HELP.get(name, "") + f"paper: {value}")
+        elif name == "dtype":
+            g.add_argument(option, choices=CHOICES[name], default=None,
+                           help="forward passes under torch.autocast in bf16 or fp16 (fp16 with a GradScaler "
+                                "on CUDA), or plain fp32. paper: fp32")
         elif name == "tokenizer_splits":
             g.add_argument(option, choices=CHOICES[name], default=None,
                            help="train the tokenizer on the train split (the paper) or on all splits "
@@ -325,6 +338,7 @@ def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) ->
         cfg = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(cfg, dict):
             raise UsageError(f"it holds a JSON {type(cfg).__name__}, not a run config")
+        cfg = {"dtype": "fp32", "compile": False, **cfg}  # a run from before these keys: fp32, eager
         cfg.setdefault("world_size", 1)  # a config.json from before torchrun support: one process
         validate_config(cfg, saved=True)
     except (OSError, ValueError, TypeError, UsageError) as e:  # JSON and decoding errors are ValueErrors
@@ -714,7 +728,7 @@ def measure_speed(cfg: dict, device: torch.device, steps: int, where: Where) -> 
     g = torch.Generator().manual_seed(cfg["seed"])
     ids = torch.randint(0, cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"] + 1), generator=g).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
-    seconds = {m: [] for m in models}
+    seconds, first = {m: [] for m in models}, {}
     for i in range(SPEED_WARMUP_STEPS + steps):
         for m, t in runs.items():
             where.stage = f"speed: {m} step {i + 1}/{SPEED_WARMUP_STEPS + steps}"
@@ -725,7 +739,8 @@ def measure_speed(cfg: dict, device: torch.device, steps: int, where: Where) -> 
             sync(device)
             if i >= SPEED_WARMUP_STEPS:
                 seconds[m].append(time.perf_counter() - start)
-    rows = [speed_row(m, runs[m], seconds[m], cfg) for m in models]
+            first.setdefault(m, time.perf_counter() - start)  # with --compile: the compilation
+    rows = [{**speed_row(m, runs[m], seconds[m], cfg), "first_step_s": first[m]} for m in models]
     out_dir = Path(cfg["out_dir"])
     atomic_write_json(out_dir / "speed.json", {"rows": rows, "steps": steps, "warmup_steps": SPEED_WARMUP_STEPS,
                                                **run_metadata(device), "config": cfg})
@@ -750,7 +765,8 @@ def speed_markdown(rows: list[dict], cfg: dict, device: torch.device) -> str:
                      f"[{r['step_s_min']:.3f}, {r['step_s_max']:.3f}] | {r['tokens_per_s']:,.0f} | "
                      f"{r['step_s_median'] / ref['step_s_median']:.2f}x |")
     return "\n".join(lines + ["", f"One training step (forward, backward, clip, AdamW, schedule) at batch "
-                               f"{cfg['batch_size']} x {cfg['block_size']} tokens on {device_description(device)}; "
+                               f"{cfg['batch_size']} x {cfg['block_size']} tokens, {cfg['dtype']}"
+                               f"{', compiled' if cfg['compile'] else ''}, on {device_description(device)}; "
                                "models interleaved step by step; median over the timed steps."]) + "\n"
 
 
@@ -861,6 +877,8 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
     epochs: list = field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA only
+    step_timing: dict = field(default_factory=dict)  # of the last epoch: first step (compilation) vs the rest
     wrapped: torch.nn.Module | None = None  # under torchrun: the DistributedDataParallel around model
 
     @property
@@ -917,7 +935,24 @@ def build_training(cfg: dict, model_name: str, vocab_size: int, n_batches: int, 
                                   weight_decay=cfg["weight_decay"])
     steps = steps_per_epoch(cfg, n_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup_steps"], cfg["epochs"] * steps))
-    return Training(model, mc, optimizer, scheduler, steps, wrapped=distributed.data_parallel(model, device))
+    scaler = torch.amp.GradScaler("cuda") if cfg["dtype"] == "fp16" and device.type == "cuda" else None
+    maybe_compile(model, cfg)
+    return Training(model, mc, optimizer, scheduler, steps, scaler=scaler,
+                    wrapped=distributed.data_parallel(model, device))
+
+
+def maybe_compile(model: torch.nn.Module, cfg: dict) -> None:
+    """--compile: torch.compile in place (Module.compile), so state_dict keys, checkpoints and
+    the model's own methods stay as they are; compilation happens at the first step."""
+    if cfg["compile"]:
+        model.compile()
+
+
+def autocast_context(dtype: str, device: torch.device):
+    """The forward passes' precision: torch.autocast in bf16 / fp16, or plain fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 def steps_per_epoch(cfg: dict, n_batches: int) -> int:
@@ -966,13 +1001,13 @@ def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run,
         distributed.reseed(cfg["seed"], epoch)
         train_loss, seconds, tokens = train_epoch(t, train_loader, cfg, device, where.stage, run.log)
         train_loss, tokens = distributed.all_mean(train_loss), distributed.all_sum([tokens])[0]
-        ev = evaluate(t.model, val_loader, device, gam_receptive_field(cfg))
+        ev = evaluate(t.model, val_loader, device, gam_receptive_field(cfg), dtype=cfg["dtype"])
         val_loss = ev["val_loss"]
         if not math.isfinite(val_loss):
             raise DivergedError(f"non-finite validation loss ({val_loss}) after epoch {epoch + 1}")
         stats = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                  "val_ppl": math.exp(min(val_loss, 700.0)), "epoch_time_s": seconds,
-                 "tokens_per_s": tokens / seconds, **ev}
+                 "tokens_per_s": tokens / seconds, **t.step_timing, **ev}
         t.epochs.append(stats)
         run.log({f"epoch/{k}": v for k, v in stats.items() if k != "val_loss_by_position"})
         recall = f" | recall {ev['recall_accuracy']:.3f}" if "recall_accuracy" in ev else ""
@@ -987,46 +1022,98 @@ def gam_receptive_field(cfg: dict) -> int:
 
 
 def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str, log_step):
-    """One epoch of t.steps_per_epoch steps; returns (mean train loss, wall time of the loop, tokens)."""
+    """One epoch of t.steps_per_epoch steps; returns (mean train loss, wall time of the loop, tokens).
+
+    The losses are summed on the device and read every LOG_EVERY steps and at the end (one
+    sync each, not one per step); a non-finite loss stops the epoch at that read, naming the
+    first step that produced one. The mean is the same sum as a per-step read's (float64)."""
     from tqdm import tqdm
 
     t.model.train()
-    total, tokens = 0.0, 0
+    tokens, window = 0, LossWindow(device)
     sync(device)
     start = time.perf_counter()
     batches = iter(loader)  # one iterator: the loader (and its workers) start once per epoch
     # A bar on terminals only (disable=None); closed on any exit, so a Ctrl-C line reads clean.
     with tqdm(total=t.steps_per_epoch, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
               disable=None) as bar:
-        for _ in range(t.steps_per_epoch):
+        for i in range(t.steps_per_epoch):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            value = train_step(t, x, y, cfg)
-            if not math.isfinite(value):
-                raise DivergedError(f"non-finite training loss ({value}) at step {t.scheduler.last_epoch}")
-            total, tokens = total + value, tokens + x.numel()
+            window.add(train_step(t, x, y, cfg), t.scheduler.last_epoch)
+            tokens += x.numel()
+            if i == 0:  # the first step alone (with --compile: the compilation), one extra sync
+                sync(device)
+                first = time.perf_counter() - start
             lr = t.scheduler.get_last_lr()[0]
+            metrics = {"train/lr": lr, "step": t.scheduler.last_epoch}
+            if (i + 1) % LOG_EVERY == 0 or i + 1 == t.steps_per_epoch:
+                metrics["train/loss"] = window.read()
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.update()
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}", refresh=False)
-            log_step({"train/loss": value, "train/lr": lr, "step": t.scheduler.last_epoch})
+            log_step(metrics)
     del batches  # with --max-train-blocks it is left unfinished; this stops its workers now
     sync(device)
-    return total / t.steps_per_epoch, time.perf_counter() - start, tokens
+    seconds = time.perf_counter() - start
+    rest = (seconds - first) / (t.steps_per_epoch - 1) if t.steps_per_epoch > 1 else None
+    t.step_timing = {"first_step_s": first, "later_step_s_mean": rest}
+    return window.total / t.steps_per_epoch, seconds, tokens
 
 
-def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> float:
-    """One optimizer step (the author's: AdamW, grad-norm clip, per-step schedule); returns the loss."""
+class LossWindow:
+    """Training losses summed on the device (float64) and read on the host only on ``read()``.
+
+    ``read()`` returns the mean loss since the previous read and adds the window's sum to
+    ``total``; it raises DivergedError when a loss in the window was not finite, naming the
+    first such step (recorded on the device as it happened)."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)
+        self.count, self.total = 0, 0.0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().double()
+        self.sum += loss
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, float(step), self.first_bad)  # no sync: a device select
+        self.count += 1
+
+    def read(self) -> float:
+        window_sum, first_bad = torch.stack([self.sum, self.first_bad]).tolist()  # the one sync
+        if first_bad >= 0 or not math.isfinite(window_sum):
+            raise DivergedError(f"non-finite training loss ({window_sum / self.count}) at step {int(first_bad)}")
+        value = window_sum / self.count
+        self.total += window_sum
+        self.sum.zero_()
+        self.count = 0
+        return value
+
+
+def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """One optimizer step (the author's: AdamW, grad-norm clip, per-step schedule); returns the
+    loss as a device tensor (reading it is the caller's sync). fp16 on CUDA: a GradScaler."""
     t.optimizer.zero_grad(set_to_none=True)
-    _, loss = t.net(x, y)
-    loss.backward()
+    with autocast_context(cfg["dtype"], x.device):
+        _, loss = t.net(x, y)
+    if t.scaler is None:
+        loss.backward()
+    else:
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.optimizer)  # clip the true gradients
+    # No error_if_nonfinite: that would read the norm on the host each step (a sync).
     torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
-    t.optimizer.step()
+    if t.scaler is None:
+        t.optimizer.step()
+    else:
+        t.scaler.step(t.optimizer)  # skips a step with inf/nan gradients (its own sync)
+        t.scaler.update()
     t.scheduler.step()
-    return loss.item()
+    return loss.detach()
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, receptive_field: int | None = None) -> dict:
+def evaluate(model, loader, device, receptive_field: int | None = None, dtype: str = "fp32") -> dict:
     """Validation statistics of one epoch:
 
     - ``val_loss``: the mean of per-batch mean losses, as the author's code;
@@ -1045,7 +1132,9 @@ def evaluate(model, loader, device, receptive_field: int | None = None) -> dict:
     pos_count = torch.zeros(T, dtype=torch.long, device=device)                 # (T,)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits, loss = model(x, y)
+        with autocast_context(dtype, device):
+            logits, loss = model(x, y)
+        logits = logits.float()
         losses.append(loss.item())
         per_token = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), y, reduction="none", ignore_index=-100)     # (B, T), 0 where ignored
@@ -1074,7 +1163,7 @@ def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict
 
 def is_paper_config(cfg: dict, dataset: str, info: dict) -> bool:
     """True when a run used the paper's full setup and data, so its numbers sit beside the paper's."""
-    same = all(cfg.get(k) == v for k, v in PAPER_HPARAMS.items() if k != "seed")
+    same = all(cfg.get(k) == v for k, v in PAPER_HPARAMS.items() if k not in ("seed", "compile"))
     return same and PAPER_ROWS.get(dataset) == (info["rows"]["train"], info["rows"]["validation"])
 
 
@@ -1083,6 +1172,8 @@ def summarize(record: dict) -> None:
     record.update(status="done", final_val_loss=ep[-1]["val_loss"], final_val_ppl=ep[-1]["val_ppl"],
                   best_val_ppl=min(e["val_ppl"] for e in ep),
                   mean_epoch_time_s=sum(e["epoch_time_s"] for e in ep) / len(ep))
+    if record["config"]["compile"] and ep[0].get("later_step_s_mean") is not None:  # the first step's extra time
+        record["compile_time_s"] = ep[0]["first_step_s"] - ep[0]["later_step_s_mean"]
     record.update({f"final_{k}": v for k, v in ep[-1].items() if k.startswith("recall_accuracy")})
 
 

@@ -3,6 +3,16 @@ ONE block (forward + backward) versus sequence length.
 
     python scale.py                                    # the paper's sweep, all four blocks
     python scale.py --device cpu --models gam transformer --batch-size 1 --seq-lens 256 512
+    python scale.py --mode decode --device cpu --seq-lens 256 1024 4096   # one generated token
+
+--mode decode: per (model, context length T) point, the language model (ModelConfig defaults,
+BLOCK_SIZE T + 2, untrained weights) in eval mode encodes a T-token context once, then the time
+of one more token through the streaming path (``_stream``, as ``generate`` with ``use_cache``)
+is measured (median of --iters after --warmup), and the bytes of the decoding state it holds per
+sequence, counted exactly from the tensors (GAM: the last k-1 normalised inputs per layer;
+Transformer: the KV cache of T positions; Mamba: the conv and SSM states). Beside it, for
+T <= --reencode-max-len, the time per token of the non-cached path (``_logits`` on the whole
+context, what the paper's model does for every token), as the median of --reencode-reps.
 
 Per (model, sequence length) point: a fresh block from ``baselines.build_block`` in train
 mode, a random input (B, T, C) with requires_grad (in the autocast dtype on CUDA, as the
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import warnings
 import csv
 import datetime
 import gc
@@ -48,7 +59,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from baselines import BLOCK_NAMES, build_block
+from baselines import BLOCK_NAMES, build_block, build_lm
+from gam_model import ModelConfig
 from reporting import PAPER_TABLE2, OneLineParser, atomic_write_text, new_figure, run_metadata, save_figure
 
 MODELS = BLOCK_NAMES  # gam, transformer (naive attention), transformer-sdpa, mamba
@@ -76,12 +88,43 @@ MEMORY_MEASURE = {
 }
 CSV_FIELDS = ["model", "implementation", "seq_len", "batch", "status",
               "time_ms_median", "time_ms_min", "time_ms_max", "time_ms_mean", "peak_mem_mb", "note"]
+DECODE_MEASURE = ("bytes of the decoding state per sequence, counted from its tensors after the context "
+                  "was encoded (a KV cache: its T filled positions). MiB = 2**20 bytes.")
+# What differs between the modes: measured numbers (key, decimals), table columns (key, paper
+# column index or None, header, format), the memory key of the fit, plots and the table file.
+MODES = {
+    "train": dict(
+        numbers=[("time_ms_median", 4), ("time_ms_min", 4), ("time_ms_max", 4), ("time_ms_mean", 4),
+                 ("peak_mem_mb", 3)],
+        columns=[("time_ms_median", 0, "Time (ms)", ".2f"), ("peak_mem_mb", 1, "Memory (MB)", ".2f")],
+        csv=CSV_FIELDS, memory="peak_mem_mb", table="table2.md",
+        plots=[("time_ms_median", "time per iteration (ms, median)", "compute_time.png", 0),
+               ("peak_mem_mb", "peak memory (MiB)", "peak_memory.png", 1)],
+        title="one block fwd+bwd"),
+    "decode": dict(
+        numbers=[("time_ms_median", 4), ("time_ms_min", 4), ("time_ms_max", 4), ("time_ms_mean", 4),
+                 ("state_mb", 6), ("state_bytes_per_seq", 0), ("reencode_ms_median", 4), ("reencode_speedup", 2)],
+        columns=[("time_ms_median", None, "ms / token, cached", ".3g"),
+                 ("reencode_ms_median", None, "ms / token, re-encoding", ".3g"),
+                 ("state_mb", None, "state (MiB / seq)", ".4g")],
+        csv=["model", "implementation", "seq_len", "batch", "status", "time_ms_median", "time_ms_min",
+             "time_ms_max", "time_ms_mean", "state_mb", "state_bytes_per_seq", "reencode_ms_median",
+             "reencode_speedup", "note"],
+        memory="state_bytes_per_seq", table="decode.md",
+        plots=[("time_ms_median", "time per generated token (ms, median)", "decode_time.png", None),
+               ("state_mb", "decoding state per sequence (MiB)", "state_memory.png", None)],
+        title="one generated token (LM, streaming)"),
+}
 CELL = {"OOM": "Failed (OOM)", "skipped": "skipped (time limit)", "error": "Failed (error)"}
 WORKER_TAG = "SCALE_WORKER_RESULT "
 
 
 def label(name):
     return LABELS.get(name, name)
+
+
+def mode(args) -> dict:
+    return MODES[getattr(args, "mode", "train")]
 
 
 # -----------------------------------------------------------------------------
@@ -112,10 +155,13 @@ def _positive_float(s):
 def parse_args(argv=None):
     p = OneLineParser(prog="scale.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=list(MODES), default="train",
+                   help="train: one block, forward + backward (Table 2); decode: one generated token of "
+                        "the language model with its decoding state, vs re-encoding the context")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
                    help=f"blocks to measure, from {', '.join(MODELS)}")
     p.add_argument("--seq-lens", nargs="+", type=_int_at_least(1), default=[256, 512, 1024, 2048, 4096, 8192])
-    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=None, help="default 16 (train), 1 (decode)")
     p.add_argument("--d-model", type=_int_at_least(1), default=512)
     p.add_argument("--n-head", type=_int_at_least(1), default=8)
     p.add_argument("--warmup", type=_int_at_least(0), default=5)
@@ -123,7 +169,15 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="CUDA: fp16/bf16 autocast or fp32 (default fp16, as the author); CPU: fp32 only")
+                   help="fp16/bf16 autocast (input in that dtype, as the author's) or fp32; default fp16 on "
+                        "CUDA (as the author), fp32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="--mode train: torch.compile the block; its first iteration's time (compilation) "
+                        "is in results.json as first_iter_ms")
+    p.add_argument("--reencode-max-len", type=_int_at_least(0), default=1024,
+                   help="--mode decode: time the re-encoding path only up to this context length")
+    p.add_argument("--reencode-reps", type=_int_at_least(1), default=3,
+                   help="--mode decode: timed re-encodings per point (after one untimed)")
     p.add_argument("--max-seconds", type=_positive_float, default=None,
                    help=f"per-point time budget, estimated from the first iterations; a point over it "
                         f"(and every longer one of that model) is skipped. Default {CPU_MAX_SECONDS:g} "
@@ -142,9 +196,13 @@ def parse_args(argv=None):
         p.error("--device cuda, but torch.cuda.is_available() is False")
     if args.dtype is None:
         args.dtype = "fp16" if args.device == "cuda" else "fp32"
-    if args.device == "cpu" and args.dtype != "fp32":
-        p.error(f"--dtype {args.dtype} is CUDA-only (autocast); on CPU only fp32 is measured")
-    if args.dtype == "bf16" and not torch.cuda.is_bf16_supported():
+    if args.device == "cpu" and args.dtype != "fp32" and not cpu_autocast_supports(DTYPES[args.dtype]):
+        p.error(f"--dtype {args.dtype}: this torch has no CPU autocast for {DTYPES[args.dtype]}; use fp32 or bf16")
+    if args.compile and args.mode != "train":
+        p.error("--compile applies to --mode train only")
+    if args.batch_size is None:
+        args.batch_size = 16 if args.mode == "train" else 1
+    if args.device == "cuda" and args.dtype == "bf16" and not torch.cuda.is_bf16_supported():
         p.error("--dtype bf16: this GPU does not support bfloat16")
     if args.d_model % args.n_head:
         p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
@@ -162,7 +220,22 @@ def parse_args(argv=None):
 
 
 def is_paper_config(args) -> bool:
-    return all(getattr(args, k) == v for k, v in PAPER_CONFIG.items())
+    return getattr(args, "mode", "train") == "train" and all(getattr(args, k) == v for k, v in PAPER_CONFIG.items())
+
+
+def cpu_autocast_supports(dtype: torch.dtype) -> bool:
+    """torch disables CPU autocast (with a warning) for a dtype it does not support."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast("cpu", dtype=dtype):
+            return torch.is_autocast_enabled("cpu")
+
+
+def autocast(args):
+    """The forward's precision context: torch.autocast in fp16/bf16, or nothing for fp32."""
+    if args.dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(args.device, dtype=DTYPES[args.dtype])
 
 
 # -----------------------------------------------------------------------------
@@ -227,15 +300,18 @@ def bench_point(name, seq_len, args) -> dict:
     torch.manual_seed(args.seed)
     block, impl = build_block(name, args.d_model, n_head=args.n_head, device=device)
     block.train()  # as the author: dropout on, autograd on
-    x_dtype = DTYPES[args.dtype] if cuda else torch.float32  # the author feeds fp16 under autocast
+    if getattr(args, "compile", False):
+        block = torch.compile(block)  # compiled in the first call of each shape (priming, warm-up)
+    x_dtype = DTYPES[args.dtype]  # the author feeds fp16 under autocast
     x = torch.randn(args.batch_size, seq_len, args.d_model, device=device, dtype=x_dtype, requires_grad=True)
-    autocast = (lambda: torch.autocast("cuda", dtype=DTYPES[args.dtype])) \
-        if cuda and args.dtype != "fp32" else contextlib.nullcontext
     cpu_peak = None
     if not cuda:
         # One tiny untimed pass first, so that one-off runtime state (kernel code pages,
         # thread pools: 15-30 MiB measured) lands in the baseline, not in this length's number.
-        block(torch.randn(1, min(seq_len, 8), args.d_model, requires_grad=True)).sum().backward()
+        with autocast(args):
+            prime = block(torch.randn(1, min(seq_len, 8), args.d_model, dtype=x_dtype, requires_grad=True))
+        prime.sum().backward()
+        del prime
         block.zero_grad(set_to_none=True)
         cpu_peak = CpuPeakRss()
 
@@ -251,7 +327,7 @@ def bench_point(name, seq_len, args) -> dict:
             cpu_peak.reset_peak()  # the baseline stays the RSS before the warm-up
         sync()
         t0 = time.perf_counter()
-        with autocast():
+        with autocast(args):
             out = block(x)
             loss = out.sum()
         loss.backward()
@@ -273,7 +349,78 @@ def bench_point(name, seq_len, args) -> dict:
     return {"status": "ok", "implementation": impl,
             "time_ms_median": statistics.median(ms), "time_ms_min": min(ms), "time_ms_max": max(ms),
             "time_ms_mean": statistics.fmean(ms),
-            "peak_mem_mb": peak, "mem_method": "max_memory_allocated" if cuda else cpu_peak.method}
+            "peak_mem_mb": peak, "mem_method": "max_memory_allocated" if cuda else cpu_peak.method,
+            "first_iter_ms": all_dts[0] * 1000}
+
+
+# -----------------------------------------------------------------------------
+# measuring one decoding point (--mode decode)
+
+def build_decoder(name, context_len, args, device):
+    """The language model of block family ``name`` (ModelConfig defaults, d_model and heads of
+    the args), with room for the context and two more tokens; eval mode."""
+    cfg = ModelConfig(N_EMBED=args.d_model, BLOCK_SIZE=context_len + 2)
+    family = "transformer" if name.startswith("transformer") else name
+    attention = "sdpa" if name == "transformer-sdpa" else "naive"
+    model = build_lm(family, cfg, n_head=args.n_head, attention=attention, device=device)
+    return model.eval()
+
+
+def state_bytes(state) -> int:
+    """Bytes held by one block's decoding state (nested tensors). A KV cache [k, v, n]
+    (baselines.CausalSelfAttention.step) counts its n filled positions, not spare capacity."""
+    if state is None:
+        return 0
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, list) and len(state) == 3 and isinstance(state[2], int):
+        k, v, n = state
+        return state_bytes(k[:, :, :n]) + state_bytes(v[:, :, :n])
+    return sum(state_bytes(s) for s in state)
+
+
+def time_calls(fn, warmup, iters, sync) -> list[float]:
+    """Seconds of each of ``iters`` calls of fn, after ``warmup`` untimed ones."""
+    out = []
+    for i in range(warmup + iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.no_grad()
+def bench_decode_point(name, context_len, args) -> dict:
+    """One generated token after a context of ``context_len`` tokens: streaming vs re-encoding."""
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_decoder(name, context_len, args, device)
+    ids = torch.randint(0, model.config.VOCAB_SIZE, (args.batch_size, context_len + 1), device=device)
+    context, new = ids[:, :context_len], ids[:, context_len:]            # (B, T), (B, 1)
+    res = {"status": "ok", "implementation": getattr(model, "implementation", name)}
+    with autocast(args):
+        if context_len <= args.reencode_max_len:  # the paper's path: the whole context per token
+            s = time_calls(lambda: model._logits(ids[:, 1:])[:, -1], 1, args.reencode_reps, sync)
+            res["reencode_ms_median"] = statistics.median(s) * 1000
+        _, states = model._stream(context, 0, [None] * len(model.blocks))    # encode the context once
+        total = sum(state_bytes(st) for st in states)
+        # One token first, so that the timed ones run on a state that has its steady layout
+        # (a KV cache grows by doubling); each timed call then decodes position T + 1 again.
+        _, states = model._stream(new, context_len, states)
+        ms = [t * 1000 for t in time_calls(lambda: model._stream(new, context_len + 1, states),
+                                           args.warmup, args.iters, sync)]
+    res.update(time_ms_median=statistics.median(ms), time_ms_min=min(ms), time_ms_max=max(ms),
+               time_ms_mean=statistics.fmean(ms), state_bytes_per_seq=total // args.batch_size,
+               state_mb=total / args.batch_size / MIB)
+    if "reencode_ms_median" in res:
+        res["reencode_speedup"] = res["reencode_ms_median"] / res["time_ms_median"]
+    return res
 
 
 def worker_main(spec_json: str) -> None:
@@ -316,7 +463,10 @@ def run_in_worker(name, seq_len, args) -> dict:
 
 
 def run_point(name, seq_len, args) -> dict:
-    """CPU: in a fresh worker process (sound peak RSS). CUDA: here (the allocator counts)."""
+    """CPU: in a fresh worker process (sound peak RSS). CUDA: here (the allocator counts).
+    Decoding: here (its memory is counted from the state's tensors, not measured)."""
+    if getattr(args, "mode", "train") == "decode":
+        return bench_decode_point(name, seq_len, args)
     if args.device == "cpu":
         return run_in_worker(name, seq_len, args)
     return bench_point(name, seq_len, args)
@@ -340,14 +490,16 @@ def _free_memory(args):
 
 def make_row(name, seq_len, args, res, impl="") -> dict:
     ok = res["status"] == "ok"
-    num = lambda k, nd: round(res[k], nd) if ok else None  # noqa: E731  never a number unless measured
-    return {"model": name, "implementation": res.get("implementation") or impl, "seq_len": seq_len,
-            "batch": args.batch_size, "status": res["status"],
-            "time_ms_median": num("time_ms_median", 4), "time_ms_min": num("time_ms_min", 4),
-            "time_ms_max": num("time_ms_max", 4), "time_ms_mean": num("time_ms_mean", 4),
-            "peak_mem_mb": num("peak_mem_mb", 3),
-            "note": res.get("note") or ("memory from the ru_maxrss fallback: a lower bound"
-                                        if res.get("mem_method") == "ru_maxrss" else "")}
+    # never a number unless measured
+    num = lambda k, nd: (round(res[k], nd) if nd else res[k]) if ok and res.get(k) is not None else None  # noqa: E731
+    row = {"model": name, "implementation": res.get("implementation") or impl, "seq_len": seq_len,
+           "batch": args.batch_size, "status": res["status"]}
+    row.update({k: num(k, nd) for k, nd in mode(args)["numbers"]})
+    row["note"] = res.get("note") or ("memory from the ru_maxrss fallback: a lower bound"
+                                      if res.get("mem_method") == "ru_maxrss" else "")
+    if ok and "first_iter_ms" in res:  # results.json only: with --compile, the compilation
+        row["first_iter_ms"] = round(res["first_iter_ms"], 4)
+    return row
 
 
 def run_sweep(args, on_row=None) -> list[dict]:
@@ -404,7 +556,9 @@ def exponents(rows, args) -> dict:
         ok = [r for r in rows if r["model"] == name and r["status"] == "ok"]
         xs = [r["seq_len"] for r in ok]
         out[name] = {"time": fit_exponent(xs, [r["time_ms_median"] for r in ok]),
-                     "memory": fit_exponent(xs, [r["peak_mem_mb"] for r in ok])}
+                     "memory": fit_exponent(xs, [r[mode(args)["memory"]] for r in ok])}
+        if getattr(args, "mode", "train") == "decode":
+            out[name]["reencode_time"] = fit_exponent(xs, [r["reencode_ms_median"] for r in ok])
     return out
 
 
@@ -423,11 +577,13 @@ def markdown_table(rows, args) -> str:
     paper = is_paper_config(args)
     cell = {(r["model"], r["seq_len"]): r for r in rows}
 
-    def ours(name, L, key):
+    def ours(name, L, key, fmt):
         r = cell.get((name, L))
         if r is None:
             return ""
-        return f"{r[key]:.2f}" if r["status"] == "ok" else CELL[r["status"]]
+        if r["status"] != "ok":
+            return CELL[r["status"]]
+        return "-" if r[key] is None else format(r[key], fmt)
 
     def theirs(name, L, i):
         if L not in PAPER_TABLE2[name]:
@@ -436,10 +592,10 @@ def markdown_table(rows, args) -> str:
         return "OOM" if v is None else f"{v[i]:.2f}"
 
     header, cols = ["Sequence length"], []
-    for key, i, unit in (("time_ms_median", 0, "Time (ms)"), ("peak_mem_mb", 1, "Memory (MB)")):
+    for key, i, unit, fmt in mode(args)["columns"]:
         for name in args.models:
             header.append(f"{label(name)} {unit}")
-            cols.append(lambda L, n=name, k=key: ours(n, L, k))
+            cols.append(lambda L, n=name, k=key, f=fmt: ours(n, L, k, f))
             if paper and name in PAPER_TABLE2:
                 header.append(f"{label(name)} {unit}, paper")
                 cols.append(lambda L, n=name, i=i: theirs(n, L, i))
@@ -456,6 +612,14 @@ def markdown_table(rows, args) -> str:
         lines.append(f"| {label(name)} | {f(exps[name]['time'])} | {f(exps[name]['memory'])} |")
         if paper and name in pexps:
             lines.append(f"| {label(name)}, paper | {f(pexps[name]['time'])} | {f(pexps[name]['memory'])} |")
+    if getattr(args, "mode", "train") == "decode":
+        lines += ["", f"One generated token of the language model (ModelConfig defaults, d_model {args.d_model}, "
+                      f"{args.n_head} heads, untrained) after a context of T tokens, {args.device}, {args.dtype}, "
+                      f"batch {args.batch_size}: streaming with the decoding state, median of {args.iters} after "
+                      f"{args.warmup} warm-up; re-encoding the whole context (the paper's model), median of "
+                      f"{args.reencode_reps}, up to T = {args.reencode_max_len}. Time k: the cached path (the re-encoding "
+                      f"path's is results.json's exponents.*.reencode_time). State: {DECODE_MEASURE}"]
+        return "\n".join(lines) + "\n"
     lines += ["", f"One block, forward + backward, {args.device}, {args.dtype}, batch {args.batch_size}, "
                   f"d_model {args.d_model}, {args.n_head} heads, {args.warmup} warm-up + {args.iters} timed "
                   f"iterations, median time (the paper's are means; ours are in results.csv). "
@@ -471,7 +635,9 @@ def metadata(args, rows) -> dict:
         "script": "scale.py", "paper": "arXiv:2509.00605, Table 2",
         "cpu_threads": args.threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "dtype": args.dtype, "args": vars(args), "paper_config": is_paper_config(args),
-        "memory_unit": "MiB (2**20 bytes)", "memory_measure": MEMORY_MEASURE[args.device],
+        "memory_unit": "MiB (2**20 bytes)", "mode": getattr(args, "mode", "train"),
+        "compile": getattr(args, "compile", False),
+        "memory_measure": DECODE_MEASURE if getattr(args, "mode", "train") == "decode" else MEMORY_MEASURE[args.device],
         "exponents": exponents(rows, args),
         "complete": len(rows) == len(args.models) * len(args.seq_lens),
     })
@@ -483,7 +649,7 @@ def metadata(args, rows) -> dict:
 def write_results(rows, args) -> None:
     """results.csv and results.json, rewritten after every point so a long sweep survives a crash."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=mode(args)["csv"], lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(os.path.join(args.out_dir, "results.csv"), buf.getvalue())
@@ -503,7 +669,7 @@ def plot(rows, args, key, ylabel, filename, paper_index) -> None:
     for name, pts in plot_series(rows, args, key).items():
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label(name))
-        if is_paper_config(args) and name in PAPER_TABLE2:
+        if paper_index is not None and is_paper_config(args) and name in PAPER_TABLE2:
             ppts = [(L, v[paper_index]) for L, v in PAPER_TABLE2[name].items() if v and L in args.seq_lens]
             if ppts:
                 ax.plot(*zip(*ppts), linestyle="--", marker="x", alpha=0.6, label=f"{label(name)} (paper)")
@@ -516,7 +682,7 @@ def plot(rows, args, key, ylabel, filename, paper_index) -> None:
         ax.text(0.5, 0.5, "no successful points", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("sequence length")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"one block fwd+bwd, {args.device} {args.dtype}, batch {args.batch_size}, d_model {args.d_model}")
+    ax.set_title(f"{mode(args)['title']}, {args.device} {args.dtype}, batch {args.batch_size}, d_model {args.d_model}")
     ax.grid(True, which="both", alpha=0.3)
     save_figure(fig, os.path.join(args.out_dir, filename), dpi=120, bbox_inches="tight")
 
@@ -524,9 +690,9 @@ def plot(rows, args, key, ylabel, filename, paper_index) -> None:
 def write_outputs(rows, args) -> str:
     write_results(rows, args)
     table = markdown_table(rows, args)
-    atomic_write_text(os.path.join(args.out_dir, "table2.md"), table)
-    plot(rows, args, "time_ms_median", "time per iteration (ms, median)", "compute_time.png", 0)
-    plot(rows, args, "peak_mem_mb", "peak memory (MiB)", "peak_memory.png", 1)
+    atomic_write_text(os.path.join(args.out_dir, mode(args)["table"]), table)
+    for key, ylabel, filename, paper_index in mode(args)["plots"]:
+        plot(rows, args, key, ylabel, filename, paper_index)
     return table
 
 
@@ -543,7 +709,8 @@ def main(argv=None) -> int:
         print(f"scale.py: interrupted; partial results in {args.out_dir}", file=sys.stderr)
         return 130
     print(table)
-    print(f"wrote {args.out_dir}/{{results.csv,results.json,table2.md,compute_time.png,peak_memory.png}}")
+    names = ["results.csv", "results.json", mode(args)["table"], *(p[2] for p in mode(args)["plots"])]
+    print(f"wrote {args.out_dir}/{{{','.join(names)}}}")
     return 0
 
 

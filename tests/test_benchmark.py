@@ -368,3 +368,114 @@ def test_recall_run_writes_recall_table(tmp_path):
     assert record["epochs"][0]["recall_count"] == 32 and record["data"]["unigram_val_ppl"] is None
     assert "| mqar | gam (gam) |" in (out / "recall.md").read_text()
     assert not (out / "context.md").exists()  # per-position loss of a recall task is not a context curve
+
+
+# ---------------------------------------------------------------------------------------------
+# host reads (device syncs) in the training loop, dtype and compile
+
+REPO_FILES = {str(Path(benchmark.__file__).parent / f) for f in
+              ("benchmark.py", "gam_model.py", "baselines.py", "data.py", "synthetic.py")}
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Every call of a tensor method that copies a value to the host (a sync on an accelerator),
+    as the file that called it: the CPU has no sync debug mode, so the calls are counted."""
+    import sys
+
+    calls = []
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            calls.append(sys._getframe(1).f_code.co_filename)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_the_training_loop_reads_the_loss_once_per_log_every_steps(tiny_data, monkeypatch, host_reads):
+    t, cfg = training(tiny_data, max_train_blocks=80)  # 80 blocks / batch 8 -> 10 steps
+    monkeypatch.setattr(benchmark, "LOG_EVERY", 4)
+    logged = []
+    benchmark.train_epoch(t, tiny_data[1], cfg, CPU, "reads", logged.append)
+    ours = [f for f in host_reads if f in REPO_FILES]
+    assert len(ours) == math.ceil(10 / 4)  # reads after steps 4, 8 and 10: none per step
+    assert not [f for f in host_reads if f.endswith("clip_grad.py")]  # clipping reads nothing either
+    assert [m["step"] for m in logged if "train/loss" in m] == [4, 8, 10] and len(logged) == 10
+
+
+def test_the_epoch_mean_loss_equals_the_mean_of_per_step_losses(tiny_data):
+    # The reference: the same steps written out, each loss read at once (the loop before LOG_EVERY).
+    train_loader = tiny_data[1]
+
+    def fresh():
+        t, c = training(tiny_data, max_train_blocks=80)
+        train_loader.generator.manual_seed(c["seed"])
+        train_loader.sampler.set_epoch(0)
+        return t, c
+
+    t, c = fresh()
+    mean, _, _ = benchmark.train_epoch(t, train_loader, c, CPU, "mean", lambda m: None)
+    t, c = fresh()
+    t.model.train()
+    losses, batches = [], iter(train_loader)
+    for _ in range(t.steps_per_epoch):
+        x, y = next(batches)
+        t.optimizer.zero_grad(set_to_none=True)
+        _, loss = t.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), c["grad_clip"])
+        t.optimizer.step()
+        t.scheduler.step()
+        losses.append(loss.item())
+    assert len(losses) == 10 and abs(mean - sum(losses) / len(losses)) < 1e-6
+
+
+def test_a_non_finite_loss_stops_at_the_next_read_naming_its_step(tiny_data, monkeypatch):
+    t, cfg = training(tiny_data, max_train_blocks=80)
+    monkeypatch.setattr(benchmark, "LOG_EVERY", 4)
+    real_ce, calls = torch.nn.functional.cross_entropy, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if len(calls) in (6, 7) else loss  # steps 6 and 7
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    with pytest.raises(benchmark.DivergedError, match=r"non-finite training loss .* at step 6$"):
+        benchmark.train_epoch(t, tiny_data[1], cfg, CPU, "nan", lambda m: None)
+    assert t.scheduler.last_epoch == 8  # stopped at the read after step 8, not at the epoch end
+
+
+def test_bf16_autocasts_training_and_evaluation(tiny_data):
+    x, y = next(iter(tiny_data[1]))
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        t, cfg = training(tiny_data, dtype=dtype)
+        ev = benchmark.evaluate(t.model, tiny_data[2], CPU, dtype=dtype)["val_loss"]
+        t.model.train()
+        results[dtype] = (ev, benchmark.train_step(t, x, y, cfg).item())
+    (ev32, step32), (ev16, step16) = results["fp32"], results["bf16"]
+    assert ev16 != ev32 and abs(ev16 - ev32) < 0.05  # the same model, in lower precision
+    assert step16 != step32 and abs(step16 - step32) < 0.05
+
+
+def test_compile_compiles_the_model_in_place(tiny_data, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    t, _ = training(tiny_data, compile=True)
+    assert compiled == [t.model]
+    training(tiny_data)
+    assert compiled == [t.model]  # not without --compile
+
+
+def test_dtype_and_compile_are_recorded(tmp_path):
+    out = tmp_path / "bf16"
+    assert benchmark.main(tiny_args(out, "--dtype", "bf16", epochs=1)) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bf16"
+    record = json.loads((out / "results.json").read_text())[0]
+    assert record["config"]["dtype"] == "bf16" and record["config"]["compile"] is False
+    assert record["paper_config"] is False and math.isfinite(record["final_val_loss"])
+    assert record["epochs"][0]["first_step_s"] > 0

@@ -24,7 +24,7 @@ import data
 import distributed
 from gam_model import GAM_Model
 from test_benchmark import tiny_args
-from test_benchmark_faults import resume_args, run_main, snapshot
+from test_benchmark_faults import resume_args, run_main, snapshot, without_timing
 
 REPO = Path(__file__).resolve().parents[1]
 # 40 MQAR validation examples: 5 batches of 8, dealt 3 + 2 over two ranks (an uneven split).
@@ -128,9 +128,8 @@ def test_a_hung_process_ends_the_job_then_resume_reaches_the_uninterrupted_numbe
     code, stdout, stderr = torchrun("benchmark.py", *resume_args(out))
     assert code == 0, stderr[-3000:]
     assert "resumed synthetic/gam after epoch 1" in stdout
-    timing = ("epoch_time_s", "tokens_per_s")
-    strip = lambda r: [{k: v for k, v in e.items() if k not in timing} for e in r["epochs"]]  # noqa: E731
-    assert [strip(r) for r in records(out)] == [strip(r) for r in records(ddp_run[0])]  # bit-for-bit on CPU
+    resumed, straight = ([without_timing(r["epochs"]) for r in records(d)] for d in (out, ddp_run[0]))
+    assert resumed == straight  # bit-for-bit on CPU
 
 
 def test_resume_with_another_number_of_processes_is_refused(ddp_run, tmp_path, capsys):

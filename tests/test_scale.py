@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import scale  # noqa: E402
 from baselines import build_block  # noqa: E402
+from gam_model import ModelConfig  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NUMBERS = ("time_ms_median", "time_ms_min", "time_ms_max", "time_ms_mean", "peak_mem_mb")
@@ -280,8 +281,8 @@ BAD_ARGS = [
     ["--iters", "0"],
     ["--warmup", "-1"],
     ["--threads", "0"],
-    ["--device", "cpu", "--dtype", "fp16"],
-    ["--device", "cpu", "--dtype", "bf16"],
+    ["--mode", "decode", "--compile"],
+    ["--mode", "block"],
     ["--d-model", "30", "--n-head", "4"],
     ["--max-seconds", "0"],
     ["--max-seconds", "nan"],
@@ -326,3 +327,78 @@ def test_bad_args_through_the_cli():
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert "invalid choice: 'lstm'" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# --dtype on CPU, --mode decode
+
+def test_bf16_on_cpu_runs_under_autocast(monkeypatch):
+    seen = []
+    real = scale.autocast
+    monkeypatch.setattr(scale, "autocast", lambda args: seen.append(args.dtype) or real(args))
+    res = scale.bench_point("gam", 16, scale.parse_args(["--seq-lens", "16", *TINY, "--dtype", "bf16"]))
+    assert res["status"] == "ok" and seen and set(seen) == {"bf16"}
+    assert res["first_iter_ms"] > 0
+
+
+def test_fp16_on_cpu_without_autocast_support_is_a_bad_arg(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(scale, "cpu_autocast_supports", lambda dtype: False)
+    with pytest.raises(SystemExit) as info:
+        scale.main(tiny_then(["--dtype", "fp16"], tmp_path / "out"))
+    assert info.value.code == 2 and "no CPU autocast" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+DECODE = ["--mode", "decode", "--device", "cpu", "--d-model", "32", "--n-head", "4", "--warmup", "1", "--iters", "2"]
+
+
+def test_cli_tiny_decode_sweep(tmp_path):
+    out = tmp_path / "dec"
+    cmd = [sys.executable, "scale.py", *DECODE, "--models", "gam", "transformer", "mamba",
+           "--seq-lens", "16", "32", "--reencode-max-len", "16", "--out-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for png in ("decode_time.png", "state_memory.png"):
+        assert (out / png).read_bytes()[:8] == PNG_SIGNATURE, png
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == scale.MODES["decode"]["csv"]
+    assert [(r["model"], int(r["seq_len"])) for r in rows] == [
+        (m, L) for m in ("gam", "transformer", "mamba") for L in (16, 32)]
+    for r in rows:
+        assert r["status"] == "ok" and r["batch"] == "1" and float(r["time_ms_median"]) > 0, r
+        assert (r["reencode_ms_median"] != "") == (r["seq_len"] == "16"), r  # only up to --reencode-max-len
+    meta = json.loads((out / "results.json").read_text())["metadata"]
+    assert meta["mode"] == "decode" and meta["complete"] and "decoding state" in meta["memory_measure"]
+    assert meta["exponents"]["gam"]["memory"] == pytest.approx(0.0, abs=1e-9)        # constant state
+    assert meta["exponents"]["transformer"]["memory"] == pytest.approx(1.0, abs=1e-9)  # KV cache ~ T
+    assert "ms / token, cached" in (out / "decode.md").read_text()
+
+
+@pytest.mark.parametrize("T", [16, 100])
+def test_decoding_state_bytes_match_the_configs(T):
+    # Independent counts from the configs (fp32, per sequence): GAM keeps k-1 normalised inputs
+    # per layer; the Transformer keys and values of T positions per layer; Mamba a conv state of
+    # d_conv inputs and an SSM state of d_state per inner channel per layer.
+    args = scale.parse_args([*DECODE, "--seq-lens", str(T), "--batch-size", "2", "--reencode-max-len", "0"])
+    cfg = ModelConfig(N_EMBED=32)
+    L, k, C = cfg.N_LAYER, cfg.CONV_KERNEL_SIZE, 32
+    d_inner, d_state, d_conv = 3 * C, 16, 4  # build_lm's Mamba defaults: expand 3, d_state 16, d_conv 4
+    expected = {"gam": L * (k - 1) * C * 4, "transformer": 2 * L * T * C * 4,
+                "mamba": L * (d_inner * d_conv + d_inner * d_state) * 4}
+    for name, nbytes in expected.items():
+        res = scale.bench_decode_point(name, T, args)
+        assert res["state_bytes_per_seq"] == nbytes, name
+        assert "reencode_ms_median" not in res
+
+
+def test_streamed_token_equals_the_reencoded_one():
+    # The decode point times _stream from the encoded context; its logits are those of re-encoding.
+    args = scale.parse_args([*DECODE, "--seq-lens", "12"])
+    for name in ("gam", "transformer", "mamba"):
+        model = scale.build_decoder(name, 12, args, torch.device("cpu"))
+        ids = torch.randint(0, 100, (2, 13))
+        with torch.no_grad():
+            _, states = model._stream(ids[:, :12], 0, [None] * len(model.blocks))
+            streamed, _ = model._stream(ids[:, 12:], 12, states)
+            full = model._logits(ids)[:, -1]
+        assert torch.allclose(streamed, full, atol=1e-4), name

@@ -1,0 +1,37 @@
+"""perf.py: its author-style block is the same function as ours, and the script runs tiny."""
+
+import json
+
+import torch
+
+import perf
+from gam_model import GAMBlock, ModelConfig
+
+
+def test_author_style_block_computes_the_block():
+    torch.manual_seed(0)
+    block = GAMBlock(ModelConfig(N_EMBED=16, NUM_MEMORY_SLOTS=8)).eval()
+    for p in block.parameters():  # away from init (zero biases) so a wrong pathway shows
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 11, 16)
+    for impl in ("fast", "reference"):
+        block.impl = impl
+        assert torch.allclose(perf.author_style_forward(block, x), block(x), atol=1e-5), impl
+
+
+def test_saved_bytes_counts_each_storage_once_without_parameters():
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    # x @ w saves x and w; (x @ w) * (x @ w) saves its product y twice, one storage.
+    assert perf.saved_bytes(lambda x: x @ w, x, [w]) == 4 * 8 * 4
+    assert perf.saved_bytes(lambda x: (lambda y: y * y)(x @ w), x, [w]) == 2 * 4 * 8 * 4
+
+
+def test_tiny_run_writes_json_and_markdown(tmp_path):
+    assert perf.main(["--out-dir", str(tmp_path), "--batch", "2", "--seq-len", "16", "--d-model", "32",
+                      "--reps", "1", "--batch-sizes", "2", "--new-tokens", "3", "--threads", "1"]) == 0
+    doc = json.loads((tmp_path / "perf.json").read_text())
+    assert doc["block"]["max_abs_diff_fast_vs_author"] < 1e-4
+    assert doc["block"]["ratio_vs_author"]["fast"]["saved"] < 1
+    assert doc["generate"]["gam B=2"]["identical_tokens"] is True
+    assert "Streaming tok/s" in (tmp_path / "perf.md").read_text()

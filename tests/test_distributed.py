@@ -10,6 +10,7 @@ so the end-to-end tests share one uninterrupted run.
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,11 +44,22 @@ def ddp_args(out: Path, *extra: str) -> list[str]:
     return tiny_args(out, "--datasets", "synthetic", "mqar", "--dropout", "0", *MQAR, *extra)
 
 
+def readme_command() -> list[str]:
+    """The README's 2-process CPU command, without `torchrun`: the job these tests launch
+    (with tiny overrides appended, which argparse lets win)."""
+    line = next(text for text in (REPO / "README.md").read_text().splitlines()
+                if text.startswith("torchrun --standalone --nproc_per_node 2 benchmark.py"))
+    words = shlex.split(line.split("#")[0])
+    assert words[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"], line
+    return words[1:]
+
+
 def torchrun(script: str, *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of a 2-process CPU job; the whole process group is killed
-    and the test fails if it outlives HANG_GUARD_S."""
+    """(exit code, stdout, stderr) of the README's 2-process CPU launch of ``script args``; the
+    whole process group is killed and the test fails if it outlives HANG_GUARD_S."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+    launch = readme_command()[:3]  # --standalone --nproc_per_node 2
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, script, *args]
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     try:
@@ -62,7 +74,8 @@ def torchrun(script: str, *args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("ddp") / "run"
-    code, stdout, stderr = torchrun("benchmark.py", *ddp_args(out))
+    script, *readme_args = readme_command()[3:]  # benchmark.py --preset smoke --device cpu
+    code, stdout, stderr = torchrun(script, *readme_args, *ddp_args(out))
     assert code == 0, stderr[-3000:]
     return out, stdout
 

@@ -824,16 +824,20 @@ def resume_command(cfg: dict, args: argparse.Namespace, explicit: set[str]) -> s
 
 def run_all(cfg: dict, data: dict, device: torch.device, logger: "WandbLogger", where: Where) -> list[dict]:
     """Train every planned run; results are rewritten after each. On --resume the published
-    records of an earlier session stay until replaced, so a failure never shrinks them."""
+    records of an earlier session stay until replaced, so a failure never shrinks them. A run
+    that diverges is recorded as such and the others still train (a comparison keeps its other
+    rows); the job then ends with DivergedError (exit 1) naming each."""
     out_dir = Path(cfg["out_dir"])
-    published = read_published(out_dir)
+    published, diverged = read_published(out_dir), []
     for dataset, seed, model_name in planned_runs(cfg):
         record = run_one({**cfg, "seed": seed}, dataset, model_name, data[dataset], device, logger, where)
         published[(dataset, model_name, seed)] = record
         records = [published[k] for k in [(d, m, s) for d, s, m in planned_runs(cfg)] if k in published]
         write_results(records, out_dir)
         if record["status"] == "diverged":
-            raise DivergedError(record["error"])
+            diverged.append(record["error"])
+    if diverged:
+        raise DivergedError(" | ".join(diverged) + f" (the other runs finished: {out_dir / 'results.json'})")
     return records
 
 

@@ -141,6 +141,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert record["status"] == "diverged" and len(record["epochs"]) == 1
 
 
+def test_a_diverged_model_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    real_ce, real_build, training_gam = torch.nn.functional.cross_entropy, benchmark.build_training, {"on": False}
+
+    def poisoned(*args, **kwargs):  # GAM's losses are NaN from its first step; the Transformer's are not
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if training_gam["on"] and torch.is_grad_enabled() else loss
+
+    def build(cfg, model_name, *args, **kwargs):
+        training_gam["on"] = model_name == "gam"
+        return real_build(cfg, model_name, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "build_training", build)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    out = tmp_path / "one-diverges"
+    assert benchmark.main(tiny_args(out, models=("gam", "transformer"), epochs=1)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "synthetic/gam: non-finite" in err[0] and "the other runs finished" in err[0]
+    gam, transformer = json.loads((out / "results.json").read_text())
+    assert (gam["model"], gam["status"]) == ("gam", "diverged")
+    assert (transformer["model"], transformer["status"]) == ("transformer", "done")
+    assert math.isfinite(transformer["final_val_loss"]) and "| transformer (" in (out / "table1.md").read_text()
+
+
 def test_unigram_only_trains_nothing(tmp_path):
     out = tmp_path / "u"
     assert benchmark.main(tiny_args(out) + ["--unigram-only"]) == 0

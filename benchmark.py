@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         run_all(cfg, data, device, logger, where)
     except UsageError as e:
         return fail(f"error: {e}", 2)
+    except DivergedError as e:  # raised once every run is done: the others are in the tables
+        print_tables(Path(cfg["out_dir"]))
+        return fail(str(e), 1)
     except RunError as e:
         return fail(str(e), 1)
     except KeyboardInterrupt:
@@ -181,11 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(e, OSError) or is_oom(e)):
             raise  # a bug: its traceback is the useful report
         return fail(failure_line(e, where), 1)
-    for name in ("table1.md", "recall.md"):
-        table = Path(cfg["out_dir"]) / name
-        print(table.read_text() if table.exists() else "", end="\n")
-    print(f"results: {Path(cfg['out_dir']) / 'results.json'}")
+    print_tables(Path(cfg["out_dir"]))
     return 0
+
+
+def print_tables(out_dir: Path) -> None:
+    for name in ("table1.md", "recall.md"):
+        table = out_dir / name
+        print(table.read_text() if table.exists() else "", end="\n")
+    print(f"results: {out_dir / 'results.json'}")
 
 
 def fail(line: str, code: int) -> int:

@@ -159,6 +159,8 @@ def group_seeds(records: list[dict]) -> list[list[dict]]:
 
 def seed_cell(group: list[dict], key: str, spec: str) -> str:
     values = [r[key] for r in group if r.get(key) is not None]
+    if not values and any(r.get("status") == "diverged" for r in group):
+        return "diverged"
     if len(values) < 2:
         return fmt(values[0] if values else None, spec)
     return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
@@ -340,16 +342,17 @@ def plot_context(records: list[dict], path: str | os.PathLike) -> None:
 
 
 def recall_markdown(records: list[dict]) -> str:
-    groups = [g for g in group_seeds(records) if any("final_recall_accuracy" in r for r in g)]
-    if not groups:
+    scored = [r for r in records if "final_recall_accuracy" in r]
+    if not scored:
         return ""
+    recall_sets = {r["dataset"] for r in scored}  # with the models that diverged on them
+    groups = [g for g in group_seeds(records) if g[0]["dataset"] in recall_sets]
     lines = ["| Dataset | Model | Params | Seeds | Recall accuracy | Within R | Beyond R | Val loss |",
              "|---|---|---|---|---|---|---|---|"]
-    rf, counts = None, None
+    last = scored[-1]["epochs"][-1]
+    rf, counts = last.get("receptive_field"), (last.get("recall_count_within_rf"), last.get("recall_count_beyond_rf"))
     for g in groups:
         r = g[0]
-        last = r["epochs"][-1]
-        rf, counts = last.get("receptive_field"), (last.get("recall_count_within_rf"), last.get("recall_count_beyond_rf"))
         lines.append(f"| {r['dataset']} | {r['model']} ({r['implementation']}) | {r['params'] / 1e6:.2f} M | "
                      f"{seed_count(g)} | {seed_cell(g, 'final_recall_accuracy', '.3f')} | "
                      f"{seed_cell(g, 'final_recall_accuracy_within_rf', '.3f')} | "

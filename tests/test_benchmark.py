@@ -156,8 +156,11 @@ def test_a_diverged_model_does_not_stop_the_others(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     out = tmp_path / "one-diverges"
     assert benchmark.main(tiny_args(out, models=("gam", "transformer"), epochs=1)) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and "synthetic/gam: non-finite" in err[0] and "the other runs finished" in err[0]
+    printed = [line for line in captured.out.splitlines() if line.startswith("| synthetic | gam (gam) |")]
+    assert len(printed) == 1 and "| diverged | diverged |" in printed[0]  # the table is printed, with the row
     gam, transformer = json.loads((out / "results.json").read_text())
     assert (gam["model"], gam["status"]) == ("gam", "diverged")
     assert (transformer["model"], transformer["status"]) == ("transformer", "done")

@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="presets: paper = Table 1 (WikiText-2: Transformer, Mamba, GAM; TinyStories: Transformer, GAM); "
                "ablation = Table 3 (four GAM variants on WikiText-2); smoke = embedded synthetic corpus, "
                "tiny models, no network (~2 min on 2 CPU cores); cpu = WikiText-2 from --data-dir with "
-               "models scaled down for 2 CPU cores (< 30 min); recall = multi-query associative recall (MQAR, ~15 min on 2 CPU cores), "
-               "GAM vs Transformer vs Mamba, recall accuracy within and beyond GAM's receptive field. "
+               "models scaled down for 2 CPU cores (< 30 min); recall = multi-query associative recall "
+               "(MQAR), GAM vs Transformer vs Mamba, recall accuracy within and beyond GAM's receptive field "
+               "(5,000 steps: ~15 min on 2 CPU cores). "
                "Exit codes: 0 done, 1 failed while training, "
                "2 bad input (nothing written), 130 interrupted (prints the --resume command).",
     )

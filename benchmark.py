@@ -109,6 +109,8 @@ PRESETS = {
 }
 # What a run records beside PAPER_HPARAMS; config.json also holds "data_fingerprint".
 RUN_KEYS = ["preset", "seeds", "mamba_impl", "runs", "data_dirs", "out_dir", "num_workers", "world_size"]
+# What a config.json written before these keys existed meant: fp32, eager, one process.
+OLDER_CONFIG_DEFAULTS = {"dtype": "fp32", "compile": False, "world_size": 1}
 # Flags that may change on --resume: none of them changes the numbers.
 RESUME_FLAGS = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir", "dist_timeout"}
 MAX_SEED = 2**63  # torch.manual_seed and the sampler's generator take seeds below this
@@ -188,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_tables(out_dir: Path) -> None:
-    for name in ("table1.md", "recall.md"):
+def print_tables(out_dir: Path, names=("table1.md", "recall.md")) -> None:
+    for name in names:
         table = out_dir / name
         print(table.read_text() if table.exists() else "", end="\n")
     print(f"results: {out_dir / 'results.json'}")
@@ -346,8 +348,7 @@ def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) ->
         cfg = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(cfg, dict):
             raise UsageError(f"it holds a JSON {type(cfg).__name__}, not a run config")
-        cfg = {"dtype": "fp32", "compile": False, **cfg}  # a run from before these keys: fp32, eager
-        cfg.setdefault("world_size", 1)  # a config.json from before torchrun support: one process
+        cfg = {**OLDER_CONFIG_DEFAULTS, **cfg}
         validate_config(cfg, saved=True)
     except (OSError, ValueError, TypeError, UsageError) as e:  # JSON and decoding errors are ValueErrors
         why = str(e) if isinstance(e, UsageError) else one_line(e)
@@ -678,9 +679,7 @@ def write_report(run_dirs: list[str], explicit: set[str], out_dir: Path) -> int:
     records = combined_records([Path(d) for d in run_dirs])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(records, out_dir)
-    for name in ("table1.md", "table3.md", "recall.md"):
-        if (out_dir / name).exists():
-            print((out_dir / name).read_text())
+    print_tables(out_dir, ("table1.md", "table3.md", "recall.md"))
     print(f"report of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
     return 0
 
@@ -697,10 +696,11 @@ def combined_records(run_dirs: list[Path]) -> list[dict]:
                                  "give each run once")
             source[key] = run_dir
             ref_dir, ref = first.setdefault(r["dataset"], (run_dir, r))
-            for k in sorted((set(ref["config"]) & set(r["config"])) - REPORT_FREE_KEYS):
-                if ref["config"][k] != r["config"][k]:
-                    raise UsageError(f"--report: {r['dataset']} runs differ in {k} ({ref_dir}: {ref['config'][k]}, "
-                                     f"{run_dir}: {r['config'][k]}); report them separately")
+            a, b = ({**OLDER_CONFIG_DEFAULTS, **x["config"]} for x in (ref, r))
+            for k in sorted((set(a) & set(b)) - REPORT_FREE_KEYS):
+                if a[k] != b[k]:
+                    raise UsageError(f"--report: {r['dataset']} runs differ in {k} ({ref_dir}: {a[k]}, "
+                                     f"{run_dir}: {b[k]}); report them separately")
             records.append(r)
     return records
 

@@ -565,24 +565,26 @@ FINGERPRINT_KEYS = ("train", "validation", "tokenizer", "vocab_size")
 
 
 def prepare_data(cfg: dict, cache: Path, where: Where) -> dict:
-    """dataset -> (train_loader, val_loader, info). On a fresh run the data's fingerprint goes
-    into cfg (and so config.json); on --resume a changed train set, validation set or
-    tokenizer is refused, since the checkpoints were trained on the old ones."""
+    """dataset -> data.PreparedData. On a fresh run the data's fingerprint goes into cfg (and
+    so config.json); on --resume a changed train set, validation set or tokenizer is refused,
+    since the checkpoints were trained on the old ones."""
     data, saved = {}, cfg.get("data_fingerprint")
     for dataset in cfg["runs"]:
         where.stage = f"preparing {dataset}"
-        train_loader, val_loader, tokenizer, info = load_dataset(cfg, dataset, cache)
-        check_token_ids(dataset, train_loader, val_loader, info)
-        fingerprint = data_fingerprint(train_loader, val_loader, tokenizer, info["vocab_size"])
+        prepared = load_dataset(cfg, dataset, cache)
+        info = prepared.info
+        check_token_ids(dataset, prepared)
+        fingerprint = data_fingerprint(prepared)
         if saved is not None:
             check_same_data(cfg, dataset, saved[dataset], fingerprint)
         cfg.setdefault("data_fingerprint", {})[dataset] = fingerprint
         info["unigram_val_ppl"] = None if dataset == "mqar" else unigram_perplexity(
-            train_loader.dataset.blocks, val_loader.dataset.blocks, info["vocab_size"])
+            prepared.train.dataset.blocks, prepared.validation.dataset.blocks, info["vocab_size"])
         unigram = f", unigram validation PPL {info['unigram_val_ppl']:.2f}" if info["unigram_val_ppl"] else ""
-        print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation blocks, "
-              f"vocab {info['vocab_size']:,}{unigram}")
-        data[dataset] = (train_loader, val_loader, info)
+        test = f" / {info['blocks']['test']:,} test" if prepared.test is not None else ""
+        print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation{test} "
+              f"blocks, vocab {info['vocab_size']:,}{unigram}")
+        data[dataset] = prepared
     check_ranks_agree(cfg["data_fingerprint"])
     return data
 
@@ -596,7 +598,7 @@ def check_ranks_agree(fingerprints: dict) -> None:
 
 
 def load_dataset(cfg: dict, dataset: str, cache: Path) -> tuple:
-    """(train_loader, val_loader, tokenizer or None, info) of one dataset; a DataError is bad input."""
+    """The data.PreparedData of one dataset; a DataError is bad input."""
     from data import DataError, build_loaders, build_mqar_loaders
 
     shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
@@ -615,9 +617,12 @@ def load_dataset(cfg: dict, dataset: str, cache: Path) -> tuple:
         raise UsageError(str(e)) from None
 
 
-def check_token_ids(dataset: str, train_loader, val_loader, info: dict) -> None:
+def check_token_ids(dataset: str, prepared) -> None:
     """Checked once here, so the models skip their per-step range checks (a device sync each)."""
-    for split, loader in (("train", train_loader), ("validation", val_loader)):
+    info = prepared.info
+    for split, loader in (("train", prepared.train), ("validation", prepared.validation), ("test", prepared.test)):
+        if loader is None:
+            continue
         blocks = loader.dataset.blocks
         lo, hi = int(blocks.min()), int(blocks.max())
         if lo < 0 or hi >= info["vocab_size"]:
@@ -625,12 +630,13 @@ def check_token_ids(dataset: str, train_loader, val_loader, info: dict) -> None:
                              f"[0, {info['vocab_size']}); delete the tokenizer cache {info['tokenizer_path']}")
 
 
-def data_fingerprint(train_loader, val_loader, tokenizer, vocab_size: int) -> dict:
+def data_fingerprint(prepared) -> dict:
     sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
-    return {"train": sha(train_loader.dataset.blocks.contiguous().numpy()),
-            "validation": sha(val_loader.dataset.blocks.contiguous().numpy()),
+    tokenizer = prepared.tokenizer
+    return {"train": sha(prepared.train.dataset.blocks.contiguous().numpy()),
+            "validation": sha(prepared.validation.dataset.blocks.contiguous().numpy()),
             "tokenizer": sha(tokenizer.to_str().encode("utf-8")) if tokenizer else "none (generated ids)",
-            "vocab_size": vocab_size}
+            "vocab_size": prepared.info["vocab_size"]}
 
 
 def check_same_data(cfg: dict, dataset: str, saved: dict, now: dict) -> None:
@@ -659,7 +665,7 @@ def write_unigram(data: dict, out_dir: Path) -> int:
     if not distributed.is_main():
         return 0
     keys = ("unigram_val_ppl", "vocab_size", "tokenizer_splits", "tokens", "block_size", "rows")
-    atomic_write_json(out_dir / "unigram.json", {d: {k: info[k] for k in keys} for d, (_, _, info) in data.items()})
+    atomic_write_json(out_dir / "unigram.json", {d: {k: p.info[k] for k in keys} for d, p in data.items()})
     print(f"unigram reference: {out_dir / 'unigram.json'}")
     return 0
 
@@ -800,7 +806,7 @@ def preflight(cfg: dict, data: dict, device: torch.device, where: Where) -> None
     """Before anything is written: every model can be allocated, and every checkpoint of the
     run is readable and loads into its model, optimizer and scheduler."""
     for dataset, models in cfg["runs"].items():
-        train_loader, _, info = data[dataset]
+        train_loader, info = data[dataset].train, data[dataset].info
         for model_name in models:
             where.stage = f"checking {dataset}/{model_name}"
             seeded = {**cfg, "seed": cfg["seeds"][0]}
@@ -902,7 +908,7 @@ class Training:
 
 def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
     """Train and evaluate one model on one dataset, resuming from its checkpoint if present."""
-    train_loader, val_loader, info = data
+    train_loader, val_loader, info = data.train, data.validation, data.info
     train_loader.generator.manual_seed(cfg["seed"])
     train_loader.sampler.seed = cfg["seed"]  # with --seeds, each seed has its own data order
     t = build_training(cfg, model_name, info["vocab_size"], len(train_loader), device)
@@ -924,6 +930,9 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
         raise
     if record["status"] != "diverged":
         summarize(record)
+        if data.test is not None:
+            where.stage = f"{dataset}/{model_name} test split"
+            evaluate_test(t.model, data.test, device, cfg["dtype"], record)
         where.stage = f"{dataset}/{model_name} export and samples"
         publish_model(cfg, dataset, model_name, t.model, data, record)
     run.finish(record)
@@ -1164,6 +1173,14 @@ def evaluate(model, loader, device, receptive_field: int | None = None, dtype: s
     return stats
 
 
+def evaluate_test(model, loader, device, dtype: str, record: dict) -> None:
+    """The final model on the test split, scored as validation is. The learning rate may be
+    chosen on validation, which then no longer estimates unseen data: test still does."""
+    test_loss = evaluate(model, loader, device, dtype=dtype)["val_loss"]
+    record.update(final_test_loss=test_loss, final_test_ppl=math.exp(min(test_loss, 700.0)))
+    print(f"  test {test_loss:.4f} | ppl {record['final_test_ppl']:.2f}")
+
+
 def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict, device) -> dict:
     model = t.model
     return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
@@ -1201,7 +1218,7 @@ def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record:
     fixed validation prompts. Deterministic, so a resumed run re-publishes the same."""
     if not distributed.is_main():
         return
-    _, val_loader, info = data
+    val_loader, info = data.validation, data.info
     tokenizer = run_tokenizer(cfg, dataset, info)
     folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
     try:

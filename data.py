@@ -31,6 +31,7 @@ import mmap
 import os
 import re
 import sys
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -54,6 +55,7 @@ __all__ = [
     "HUB_SOURCES",
     "SOURCES",
     "SPECIAL_TOKENS",
+    "PreparedData",
     "TokenBlocks",
     "build_loaders",
     "encode_splits",
@@ -285,9 +287,12 @@ class TokenBlocks(Dataset):
 
 
 def _split_blocks(ids: dict[str, list[list[int]]], block_size: int) -> dict[str, TokenBlocks]:
-    """Train and validation blocks; a split too small for one block is an error, since an
-    empty loader would make the epoch's mean loss 0 / 0."""
-    blocks = {name: TokenBlocks(ids[name], block_size) for name in ("train", "validation")}
+    """Train, validation (and test) blocks. A train or validation split too small for one block
+    is an error, since an empty loader would make the epoch's mean loss 0 / 0; such a test
+    split is left out (the run reports no test numbers)."""
+    blocks = {name: TokenBlocks(rows, block_size) for name, rows in ids.items()}
+    if "test" in blocks and len(blocks["test"]) == 0:
+        del blocks["test"]
     for name, ds in blocks.items():
         if len(ds) == 0:
             raise DataError(
@@ -300,6 +305,19 @@ def _split_blocks(ids: dict[str, list[list[int]]], block_size: int) -> dict[str,
 # ----------------------------------------------------------------------------------------
 # 5. Loaders
 # ----------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedData:
+    """One dataset, ready to train on: the loaders, the tokenizer (None for generated ids)
+    and the facts about it (``info``: rows, tokens, blocks, vocabulary, tokenizer path...).
+    ``test`` is None where the source has no test split (TinyStories, MQAR): there the
+    validation split is the only held-out one."""
+    train: DataLoader
+    validation: DataLoader
+    tokenizer: Tokenizer | None
+    info: dict
+    test: DataLoader | None = None
+
 
 def build_loaders(
     source: str,
@@ -317,8 +335,9 @@ def build_loaders(
     show_progress: bool | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[DataLoader, DataLoader, Tokenizer, dict]:
-    """Text -> tokenizer -> blocks -> (train_loader, val_loader, tokenizer, info).
+) -> PreparedData:
+    """Text -> tokenizer -> blocks -> loaders (a PreparedData; ``test`` when the source has a
+    test split, evaluated like validation).
 
     The train order is a function of ``(seed, epoch)`` only: the sampler is a
     ``DistributedSampler`` (``rank`` of ``world_size`` replicas) and the caller calls
@@ -332,10 +351,14 @@ def build_loaders(
     tokenizer, tok_path, tok_on = _get_tokenizer_and_path(
         splits, vocab_size=vocab_size, train_on=tokenizer_splits, cache_dir=cache_dir,
         show_progress=show_progress)
-    blocks = _split_blocks(encode_splits(splits, tokenizer, names=("train", "validation")), block_size)
+    names = [n for n in ("train", "validation", "test") if n in splits]
+    blocks = _split_blocks(encode_splits(splits, tokenizer, names=names), block_size)
 
     train_loader, val_loader = make_loaders(blocks["train"], blocks["validation"], batch_size=batch_size,
                                             seed=seed, num_workers=num_workers, rank=rank, world_size=world_size)
+    test_loader = None if "test" not in blocks else DataLoader(
+        blocks["test"], batch_sampler=ShardedBatches(len(blocks["test"]), batch_size, rank, world_size),
+        num_workers=num_workers)
     info = {
         "source": source,
         "data_dir": os.fspath(data_dir) if data_dir is not None else None,
@@ -351,7 +374,7 @@ def build_loaders(
         "max_val_rows": max_val_rows,
         "seed": seed,
     }
-    return train_loader, val_loader, tokenizer, info
+    return PreparedData(train_loader, val_loader, tokenizer, info, test_loader)
 
 
 def make_loaders(train: Dataset, validation: Dataset, *, batch_size: int, seed: int,
@@ -415,8 +438,8 @@ class RecallExamples(Dataset):
 def build_mqar_loaders(*, vocab_size: int, block_size: int, num_kv_pairs: int, num_train: int,
                        num_validation: int, batch_size: int, seed: int = 0, num_workers: int = 0,
                        data_seed: int = 0, rank: int = 0,
-                       world_size: int = 1) -> tuple[DataLoader, DataLoader, None, dict]:
-    """Multi-query associative recall (SPEC section 8) -> (train_loader, val_loader, None, info).
+                       world_size: int = 1) -> PreparedData:
+    """Multi-query associative recall (SPEC section 8) -> a PreparedData without tokenizer or test.
 
     The examples come from ``data_seed`` (fixed: every model and seed sees the same task);
     ``seed`` orders the training examples, as for text. No tokenizer: ids are the task's."""
@@ -436,7 +459,7 @@ def build_mqar_loaders(*, vocab_size: int, block_size: int, num_kv_pairs: int, n
             "tokenizer_path": None, "tokenizer_splits": None, "num_kv_pairs": num_kv_pairs,
             "queries": {n: int((d.targets != -100).sum()) for n, d in sets.items()},
             "data_seed": data_seed, "seed": seed}
-    return train_loader, val_loader, None, info
+    return PreparedData(train_loader, val_loader, None, info)
 
 
 # ========================================================================================

@@ -173,8 +173,9 @@ def seed_count(group: list[dict]) -> str:
 
 def table1_markdown(records: list[dict]) -> str:
     groups = [g for g in group_seeds(records) if g[0]["model"] in ("gam", "transformer", "mamba")]
-    seeds = any(len(g) > 1 for g in groups)
+    seeds, test = any(len(g) > 1 for g in groups), has_test(records)
     head = ["Dataset", "Model", "Params", *(["Seeds"] if seeds else []), "Time / epoch (s)", "Val loss", "Val PPL",
+            *(["Test loss", "Test PPL"] if test else []),
             "Paper params", "Paper time / epoch (s)", "Paper val loss", "Paper val PPL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = set()
@@ -190,22 +191,34 @@ def table1_markdown(records: list[dict]) -> str:
         cells = [r["dataset"], f"{r['model']} ({r['implementation']})", f"{r['params'] / 1e6:.2f} M",
                  *([seed_count(g)] if seeds else []), seed_cell(g, "mean_epoch_time_s", ".1f"),
                  seed_cell(g, "final_val_loss", ".4f"), seed_cell(g, "final_val_ppl", ".2f"),
+                 *([seed_cell(g, "final_test_loss", ".4f"), seed_cell(g, "final_test_ppl", ".2f")] if test else []),
                  p.get("params", "—"), fmt(p.get("epoch_time_s"), ".1f"), fmt(p.get("val_loss")),
                  fmt(p.get("val_ppl"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     if seeds:
         notes.add("With several seeds: mean ± sample standard deviation over the seeds that finished.")
+    if test:
+        notes.add(TEST_NOTE)
     unigram = {g[0]["dataset"]: g[0]["data"].get("unigram_val_ppl") for g in groups}
     notes.update(f"Reference: a unigram model (train token frequencies, add-one smoothing) has validation "
                  f"PPL {ppl:.2f} on {d} with this tokenizer." for d, ppl in unigram.items() if ppl)
     return "\n".join(lines + [""] + sorted(notes)) + "\n"
 
 
+TEST_NOTE = ("Test: the final model on the test split (where the data has one; TinyStories has no test split, "
+             "so there validation is the only held-out split). A learning rate chosen on validation makes "
+             "validation optimistic; test is not used for any choice.")
+
+
+def has_test(records: list[dict]) -> bool:
+    return any(r.get("final_test_ppl") is not None for r in records)
+
+
 def table3_markdown(records: list[dict]) -> str:
     groups = [g for g in group_seeds(records) if g[0]["model"] in PAPER_TABLE3]
-    seeds = any(len(g) > 1 for g in groups)
+    seeds, test = any(len(g) > 1 for g in groups), has_test(records)
     head = ["Model configuration", "Gating", "Local", "Global", "Params", *(["Seeds"] if seeds else []),
-            "Best val PPL", "Paper params", "Paper best val PPL"]
+            "Best val PPL", *(["Test PPL"] if test else []), "Paper params", "Paper best val PPL"]
     lines = ["| " + " | ".join(head) + " |", "|---|:-:|:-:|:-:|" + "---|" * (len(head) - 4)]
     mark = lambda b: "yes" if b else "no"  # noqa: E731
     for g in groups:
@@ -214,9 +227,10 @@ def table3_markdown(records: list[dict]) -> str:
         paper = PAPER_TABLE3[r["model"]] if comparable else {}
         cells = [f"{r['model']} ({r['dataset']})", mark(mc["USE_GATE"]), mark(mc["USE_LOCAL"]), mark(mc["USE_GLOBAL"]),
                  f"{r['params'] / 1e6:.2f} M", *([seed_count(g)] if seeds else []), seed_cell(g, "best_val_ppl", ".2f"),
+                 *([seed_cell(g, "final_test_ppl", ".2f")] if test else []),
                  paper.get("params", "—"), fmt(paper.get("best_val_ppl"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([""] + [TEST_NOTE] if test else [])) + "\n"
 
 
 # ---------------------------------------------------------------------------------------

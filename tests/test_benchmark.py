@@ -42,8 +42,8 @@ def tiny_config(out_dir: Path, *extra: str) -> dict:
 def tiny_data(tmp_path_factory):
     """(cfg, train_loader, val_loader, info) of the tiny synthetic setup, prepared once."""
     cfg = tiny_config(tmp_path_factory.mktemp("data") / "run")
-    data = benchmark.prepare_data(cfg, Path(cfg["out_dir"]).parent / "cache", benchmark.Where())
-    return (cfg, *data["synthetic"])
+    prepared = benchmark.prepare_data(cfg, Path(cfg["out_dir"]).parent / "cache", benchmark.Where())["synthetic"]
+    return cfg, prepared.train, prepared.validation, prepared.info
 
 
 def training(tiny_data, model_name="gam", **overrides) -> tuple[benchmark.Training, dict]:
@@ -167,6 +167,33 @@ def test_a_diverged_model_does_not_stop_the_others(tmp_path, monkeypatch, capsys
     assert math.isfinite(transformer["final_val_loss"]) and "| transformer (" in (out / "table1.md").read_text()
 
 
+def test_a_run_scores_its_final_model_on_the_test_split(tmp_path, capsys):
+    """A data folder with a test file: each record holds the final model's test loss, which
+    equals evaluate() of the exported model on that split; the tables show it beside validation."""
+    from data import build_loaders
+
+    words = [f"w{(i * 7) % 53}" for i in range(6000)]
+    data_dir = tmp_path / "text"
+    data_dir.mkdir()
+    for name, part in (("train.txt", words), ("valid.txt", words[:1500]), ("test.txt", words[3000:4600])):
+        (data_dir / name).write_text(" ".join(part) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    args = tiny_args(out, "--datasets", "wikitext2", "--data-dir", f"wikitext2={data_dir}", "--vocab-size", "200",
+                     models=("gam",), epochs=1)
+    assert benchmark.main(args) == 0
+    assert "test " in capsys.readouterr().out
+    [record] = json.loads((out / "results.json").read_text())
+    prepared = build_loaders("wikitext2", data_dir=data_dir, vocab_size=200, block_size=32, batch_size=8,
+                             cache_dir=tmp_path / "cache")
+    model = GAM_Model.from_pretrained(out / record["export"])
+    expected = benchmark.evaluate(model, prepared.test, CPU)["val_loss"]
+    assert record["final_test_loss"] == pytest.approx(expected, rel=1e-6)
+    assert record["final_test_ppl"] == pytest.approx(math.exp(expected), rel=1e-6)
+    assert record["final_test_loss"] != record["final_val_loss"]
+    table = (out / "table1.md").read_text()
+    assert "| Test loss | Test PPL |" in table and f"{record['final_test_ppl']:.2f}" in table
+
+
 def test_unigram_only_trains_nothing(tmp_path):
     out = tmp_path / "u"
     assert benchmark.main(tiny_args(out) + ["--unigram-only"]) == 0
@@ -224,10 +251,14 @@ def test_one_loader_iterator_and_the_scheduler_steps_per_epoch(tiny_data, monkey
 
 def test_token_ids_are_checked_once_at_load_time(tiny_data):
     cfg, train_loader, val_loader, info = tiny_data
-    benchmark.check_token_ids("synthetic", train_loader, val_loader, info)  # the real data passes
+    from data import PreparedData
+
+    benchmark.check_token_ids("synthetic", PreparedData(train_loader, val_loader, None, info))  # real data passes
     bad = types.SimpleNamespace(dataset=types.SimpleNamespace(blocks=torch.tensor([[0, 1, info["vocab_size"]]])))
     with pytest.raises(benchmark.UsageError, match=r"validation token ids lie in \[0, \d+\], outside"):
-        benchmark.check_token_ids("synthetic", train_loader, bad, info)
+        benchmark.check_token_ids("synthetic", PreparedData(train_loader, bad, None, info))
+    with pytest.raises(benchmark.UsageError, match=r"test token ids lie in \[0, \d+\], outside"):
+        benchmark.check_token_ids("synthetic", PreparedData(train_loader, val_loader, None, info, test=bad))
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
@@ -360,8 +391,9 @@ def test_speed_steps_times_every_model_without_data(tmp_path, monkeypatch):
 def test_recall_evaluation_matches_a_naive_count():
     from data import build_mqar_loaders
 
-    train_loader, val_loader, _, info = build_mqar_loaders(
+    prepared = build_mqar_loaders(
         vocab_size=64, block_size=24, num_kv_pairs=3, num_train=8, num_validation=10, batch_size=4)
+    val_loader, info = prepared.validation, prepared.info
     torch.manual_seed(0)
     model = GAM_Model(ModelConfig(VOCAB_SIZE=64, BLOCK_SIZE=24, N_EMBED=16, N_LAYER=2, NUM_MEMORY_SLOTS=8))
     stats = benchmark.evaluate(model, val_loader, CPU, receptive_field=5)

@@ -422,8 +422,12 @@ def _first_batches(loader, n=3):
     return [x.clone() for x, _ in list(loader)[:n]]
 
 
+def _loaders(prepared):
+    return prepared.train, prepared.validation, prepared.tokenizer, prepared.info
+
+
 def test_build_loaders_synthetic(tmp_path):
-    tl, vl, tok, info = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5)
+    tl, vl, tok, info = _loaders(data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5))
     assert info["source"] == "synthetic" and info["data_dir"] is None
     assert info["rows"] == {"train": synthetic.SYNTHETIC_TRAIN_DOCS, "validation": synthetic.SYNTHETIC_VAL_DOCS}
     assert info["vocab_size"] == tok.get_vocab_size() == 400
@@ -443,9 +447,10 @@ def test_build_loaders_synthetic(tmp_path):
 
     # shuffling: a function of (seed, epoch) only, different across seeds and epochs,
     # and the same whatever the worker count
-    tl2, _, _, info2 = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5)
-    tl2b, _, _, _ = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5,
-                                       num_workers=2)
+    tl2, _, _, info2 = _loaders(data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path,
+                                                   seed=5))
+    tl2b = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=5,
+                              num_workers=2).train
     assert info2["tokenizer_path"] == info["tokenizer_path"]
     epoch0 = _first_batches(tl2)
     assert all(torch.equal(a, b) for a, b in zip(epoch0, _first_batches(tl2b)))
@@ -455,7 +460,7 @@ def test_build_loaders_synthetic(tmp_path):
     assert not torch.equal(epoch0[0], epoch1[0])
     tl2b.sampler.set_epoch(1)
     assert all(torch.equal(a, b) for a, b in zip(epoch1, _first_batches(tl2b)))
-    tl3, _, _, _ = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=6)
+    tl3 = data.build_loaders("synthetic", vocab_size=400, batch_size=16, cache_dir=tmp_path, seed=6).train
     assert not torch.equal(_first_batches(tl3, 1)[0], epoch0[0])
     assert sum(len(b[0]) for b in tl) == len(tl.dataset)  # drop_last=False
 
@@ -465,6 +470,22 @@ def test_build_loaders_too_little_data(tmp_path):
     (tmp_path / "valid.txt").write_text("word " * 100 + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="validation split has only 100 tokens"):
         data.build_loaders("wikitext2", data_dir=tmp_path, vocab_size=300)
-    tl, vl, tok, info = data.build_loaders("wikitext2", data_dir=tmp_path, vocab_size=300, block_size=64)
+    tl, vl, tok, info = _loaders(data.build_loaders("wikitext2", data_dir=tmp_path, vocab_size=300, block_size=64))
     assert info["blocks"] == {"train": 2000 // 65, "validation": 100 // 65}
     assert info["data_dir"] == str(tmp_path) and info["tokenizer_path"] is None
+
+
+def test_a_test_split_gets_its_own_unshuffled_loader_and_a_tiny_one_is_left_out(tmp_path):
+    words = [f"w{i % 37}" for i in range(3000)]
+    (tmp_path / "train.txt").write_text(" ".join(words) + "\n", encoding="utf-8")
+    (tmp_path / "valid.txt").write_text(" ".join(words[:700]) + "\n", encoding="utf-8")
+    (tmp_path / "test.txt").write_text(" ".join(reversed(words[:900])) + "\n", encoding="utf-8")
+    prepared = data.build_loaders("wikitext2", data_dir=tmp_path, vocab_size=300, block_size=64, batch_size=4)
+    assert prepared.info["blocks"]["test"] == 900 // 65 == len(prepared.test.dataset)
+    # the test text, encoded by the run's tokenizer, in order: the same blocks an independent encoding gives
+    ids = prepared.tokenizer.encode(" ".join(reversed(words[:900]))).ids
+    expected = torch.tensor(ids[: (len(ids) // 65) * 65]).reshape(-1, 65)
+    assert torch.equal(torch.cat([x for x, _ in prepared.test]), expected[:, :-1])
+    (tmp_path / "test.txt").write_text("w1 w2\n", encoding="utf-8")  # fewer tokens than one block
+    prepared = data.build_loaders("wikitext2", data_dir=tmp_path, vocab_size=300, block_size=64, batch_size=4)
+    assert prepared.test is None and "test" not in prepared.info["blocks"]

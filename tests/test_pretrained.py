@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 import benchmark
 import reporting
 from baselines import MambaLM, TransformerLM
+from data import PreparedData
 from gam_model import CausalLM, GAM_Model, ModelConfig
 from test_benchmark import tiny_args
 
@@ -254,7 +255,7 @@ def test_greedy_sample_is_the_model_argmax(smoke_run):
     folder = smoke_run / "models" / "synthetic-gam"
     record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == "gam")
     model, tokenizer = GAM_Model.from_pretrained(folder).eval(), Tokenizer.from_file(str(folder / "tokenizer.json"))
-    val = benchmark.load_dataset(record["config"], "synthetic", smoke_run.parent.parent / "cache")[1].dataset.blocks
+    val = benchmark.load_dataset(record["config"], "synthetic", smoke_run.parent.parent / "cache").validation.dataset.blocks
     idx = val[:1, :benchmark.SAMPLE_PROMPT_TOKENS]
     for _ in range(benchmark.SAMPLE_NEW_TOKENS):  # the reference: argmax of forward on the cropped context
         idx = torch.cat([idx, model(idx[:, -model.config.BLOCK_SIZE:])[0][:, -1].argmax(-1, keepdim=True)], 1)
@@ -277,7 +278,8 @@ def test_no_tokenizer_no_tokenizer_json_and_no_samples(tmp_path):
     """MQAR has no tokenizer: the model is exported alone and not sampled."""
     cfg = {"out_dir": str(tmp_path), "seed": 0, "seeds": [0]}
     record = {}
-    benchmark.publish_model(cfg, "mqar", "gam", make_model("gam"), (None, None, {"tokenizer_path": None}), record)
+    no_tokenizer = PreparedData(None, None, None, {"tokenizer_path": None})
+    benchmark.publish_model(cfg, "mqar", "gam", make_model("gam"), no_tokenizer, record)
     assert {p.name for p in (tmp_path / "models" / "mqar-gam").iterdir()} == {"config.json", "model.safetensors"}
     assert record == {"export": "models/mqar-gam"}
 

@@ -46,7 +46,8 @@ import distributed
 from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
-                       context_markdown, device_description, plot_context, plot_curves, recall_markdown,
+                       context_markdown, device_description, lr_sweep_markdown, plot_context, plot_curves,
+                       plot_lr_sweep, recall_markdown,
                        run_metadata, samples_markdown, table1_markdown, table3_markdown)
 
 # The Table 3 switches of each GAM variant.
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args, explicit)
         device = rank_device(resolve_device(args.device))
         check_folders(cfg, args)
+        if args.lr_sweep and not args.report:
+            raise UsageError("--lr-sweep goes with --report RUN_DIR ...: it reports finished runs")
         if args.report:  # trains nothing, in one process: before (and without) a process group
             if distributed.world_size() > 1:
                 raise UsageError("--report trains nothing: run it with python, not torchrun")
@@ -269,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: read the results.json of these finished runs (e.g. one per model or "
                         "seed, same settings), check they agree, and write their tables and plots together "
                         "into --out-dir")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="with --report: the runs form a learning-rate sweep (they may differ in --lr only); "
+                        "write lr_sweep.md (each model's validation and test PPL per lr, its best by "
+                        "validation loss) and lr_sweep.png instead of the tables")
     p.add_argument("--speed-steps", type=positive_int, default=None, metavar="N",
                    help="measure training speed only: N timed optimizer steps per model on random tokens "
                         "(batch, length and models of the run), models interleaved step by step; writes "
@@ -679,31 +686,41 @@ REPORT_FREE_KEYS = {"seed", "seeds", "runs", "out_dir", "preset", "num_workers",
 
 
 def write_report(run_dirs: list[str], explicit: set[str], out_dir: Path) -> int:
-    extra = explicit - {"report", "out_dir"}
+    extra = explicit - {"report", "out_dir", "lr_sweep"}
     if extra:
-        raise UsageError("--report takes only --out-dir; drop " + " ".join(flag(k) for k in sorted(extra)))
-    records = combined_records([Path(d) for d in run_dirs])
+        raise UsageError("--report takes only --out-dir and --lr-sweep; drop "
+                         + " ".join(flag(k) for k in sorted(extra)))
+    sweep = "lr_sweep" in explicit
+    records = combined_records([Path(d) for d in run_dirs], free=REPORT_FREE_KEYS | ({"lr"} if sweep else set()))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if sweep:
+        atomic_write_json(out_dir / "results.json", records)
+        atomic_write_text(out_dir / "lr_sweep.md", lr_sweep_markdown(records))
+        plot_lr_sweep(records, out_dir / "lr_sweep.png")
+        print((out_dir / "lr_sweep.md").read_text(encoding="utf-8"))
+        print(f"learning-rate sweep of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
+        return 0
     write_results(records, out_dir)
     print_tables(out_dir, ("table1.md", "table3.md", "recall.md"))
     print(f"report of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
     return 0
 
 
-def combined_records(run_dirs: list[Path]) -> list[dict]:
+def combined_records(run_dirs: list[Path], free: set = REPORT_FREE_KEYS) -> list[dict]:
     """Every record of every run, refusing a (dataset, model, seed) given twice and runs of one
-    dataset whose settings differ (those would not belong in one table)."""
+    dataset whose settings differ outside ``free`` (those would not belong in one table). In a
+    learning-rate sweep ``free`` holds "lr", and a record is (dataset, model, seed, lr)."""
     records, source, first = [], {}, {}
     for run_dir in run_dirs:
         for r in run_records(run_dir):
-            key = (r["dataset"], r["model"], r["seed"])
+            key = (r["dataset"], r["model"], r["seed"], *([r["config"].get("lr")] if "lr" in free else []))
             if key in source:
                 raise UsageError(f"--report: {'/'.join(map(str, key))} is in both {source[key]} and {run_dir}; "
                                  "give each run once")
             source[key] = run_dir
             ref_dir, ref = first.setdefault(r["dataset"], (run_dir, r))
             a, b = ({**OLDER_CONFIG_DEFAULTS, **x["config"]} for x in (ref, r))
-            for k in sorted((set(a) & set(b)) - REPORT_FREE_KEYS):
+            for k in sorted((set(a) & set(b)) - free):
                 if a[k] != b[k]:
                     raise UsageError(f"--report: {r['dataset']} runs differ in {k} ({ref_dir}: {a[k]}, "
                                      f"{run_dir}: {b[k]}); report them separately")

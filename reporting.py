@@ -277,6 +277,52 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
     save_figure(fig, path, dpi=120)
 
 
+def sweep_points(records: list[dict]) -> dict:
+    """(dataset, model) -> [(lr, record)] sorted by lr, finished records only."""
+    points: dict[tuple, list] = {}
+    for r in records:
+        if r.get("status") == "done":
+            points.setdefault((r["dataset"], r["model"]), []).append((r["config"]["lr"], r))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in points.items()}
+
+
+def lr_sweep_markdown(records: list[dict]) -> str:
+    """Per (dataset, model): validation (and test) PPL at each learning rate; the best by
+    validation loss in bold, and whether it lies inside the grid (an end point may not be the best)."""
+    lines = []
+    for (dataset, model), pts in sweep_points(records).items():
+        best = min(range(len(pts)), key=lambda i: pts[i][1]["final_val_loss"])
+        inside = 0 < best < len(pts) - 1
+        lines += [f"### {model} on {dataset}", "", "| lr | Val loss | Val PPL | Test PPL |", "|---|---|---|---|"]
+        for i, (lr, r) in enumerate(pts):
+            cells = [f"{lr:g}", fmt(r["final_val_loss"]), fmt(r["final_val_ppl"], ".2f"), fmt(r.get("final_test_ppl"), ".2f")]
+            lines.append("| " + " | ".join(f"**{c}**" if i == best else c for c in cells) + " |")
+        where = "inside the grid" if inside else "at an end of the grid: extend it before relying on this choice"
+        lines += ["", f"Best by validation loss: lr {pts[best][0]:g}, {where}.", ""]
+    failed = [f"{r['model']} lr {r['config']['lr']:g}" for r in records if r.get("status") != "done"]
+    if failed:
+        lines.append("Not finished (diverged or running): " + ", ".join(failed) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def plot_lr_sweep(records: list[dict], path: str | os.PathLike) -> None:
+    """Final validation PPL against learning rate (log-log), one panel per dataset, one line per model."""
+    sweeps = sweep_points(records)
+    datasets = list(dict.fromkeys(d for d, _ in sweeps))
+    fig, axes = new_figure(len(datasets), figsize=(5.5 * len(datasets), 4))
+    for ax, dataset in zip(axes, datasets):
+        for i, ((d, model), pts) in enumerate(sweeps.items()):
+            if d == dataset:
+                ax.plot([lr for lr, _ in pts], [r["final_val_ppl"] for _, r in pts], "o-", label=model,
+                        color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10])
+        ax.set(title=dataset, xlabel="peak learning rate", ylabel="final validation perplexity", xscale="log",
+               yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="best", framealpha=0.8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
 # ---------------------------------------------------------------------------------------
 # Context use: validation loss at each position of the block (position p has p + 1 tokens
 # of context, itself included), from each run's last epoch, mean over seeds.

@@ -1,5 +1,6 @@
 """benchmark.py --report: the tables of several finished runs, written together."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,29 @@ def test_report_refuses_what_does_not_belong_in_one_table(two_runs, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing written
+
+
+def test_lr_sweep_report_marks_each_models_best_by_validation_and_says_if_it_is_inside_the_grid(
+        two_runs, tmp_path, capsys):
+    """Runs that differ only in --lr: one row per lr, the lowest validation loss in bold, and
+    'an end of the grid' when that lowest sits at the smallest or largest lr."""
+    runs = [str(two_runs / "gam")]  # lr 0.01
+    for lr in ("0.002", "0.02"):
+        assert benchmark.main(tiny_args(tmp_path / f"lr{lr}", "--lr", lr, epochs=1)) == 0
+        runs.append(str(tmp_path / f"lr{lr}"))
+    out = tmp_path / "sweep"
+    assert benchmark.main(["--report", *runs, "--lr-sweep", "--out-dir", str(out)]) == 0
+    records = [json.loads((Path(d) / "results.json").read_text())[0] for d in runs]
+    by_lr = sorted(records, key=lambda r: r["config"]["lr"])
+    best = min(by_lr, key=lambda r: r["final_val_loss"])
+    text = (out / "lr_sweep.md").read_text()
+    rows = [line for line in text.splitlines() if line.lstrip("| *").startswith("0.0")]
+    assert [row.split(" | ")[0].strip("| *") for row in rows] == ["0.002", "0.01", "0.02"]
+    bold = [row for row in rows if row.startswith("| **")]
+    assert bold == [next(row for row in rows if f"{best['final_val_ppl']:.2f}" in row)]
+    inside = best is by_lr[1]
+    assert ("inside the grid" in text) == inside and ("an end of the grid" in text) == (not inside)
+    assert (out / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert benchmark.main(["--lr-sweep", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--lr-sweep goes with --report" in capsys.readouterr().err

@@ -114,6 +114,7 @@ RUN_KEYS = ["preset", "seeds", "mamba_impl", "runs", "data_dirs", "out_dir", "nu
 OLDER_CONFIG_DEFAULTS = {"dtype": "fp32", "compile": False, "world_size": 1}
 # Flags that may change on --resume: none of them changes the numbers.
 RESUME_FLAGS = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir", "dist_timeout"}
+MAX_VOCAB = 2**20
 MAX_SEED = 2**63  # torch.manual_seed and the sampler's generator take seeds below this
 WANDB_PROBE_TIMEOUT_S = 5.0
 WANDB_INIT_TIMEOUT_S = 60.0
@@ -216,6 +217,8 @@ HELP = {
     "max_val_rows": "row cap of the validation split; ",
     "seed": "seeds model init, dropout and shuffling; the paper used no seed; ",
     "compile": "torch.compile the model (Module.compile: the numbers stay, only the speed changes); ",
+    "grad_clip": "clip the gradient norm to this; 0 = no clipping (nanoGPT's convention); ",
+    "vocab_size": f"BPE vocabulary size (MQAR: the task's vocabulary), at most {2**20:,}; ",
 }
 
 
@@ -451,8 +454,10 @@ def validate_values(cfg: dict) -> None:
               "d_state", "d_conv", "expand", "batch_size", "epochs", *MQAR_HPARAMS]:
         if cfg[k] < 1:
             raise UsageError(f"{flag(k)} must be >= 1, got {cfg[k]}")
+    if cfg["vocab_size"] > MAX_VOCAB:  # the tokenizer's trainer aborts the process far beyond it
+        raise UsageError(f"--vocab-size must be at most {MAX_VOCAB:,}, got {cfg['vocab_size']:,}")
     for k in ["warmup_steps", "weight_decay", "grad_clip"]:
-        if cfg[k] < 0:
+        if not cfg[k] >= 0:  # NaN too
             raise UsageError(f"{flag(k)} must be >= 0, got {cfg[k]}")
     if not cfg["lr"] > 0:
         raise UsageError(f"--lr must be > 0, got {cfg['lr']}")
@@ -1140,7 +1145,8 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> torc
         t.scaler.scale(loss).backward()
         t.scaler.unscale_(t.optimizer)  # clip the true gradients
     # No error_if_nonfinite: that would read the norm on the host each step (a sync).
-    torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
+    if cfg["grad_clip"] > 0:  # 0: no clipping (a max norm of 0 would zero every gradient)
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
     if t.scaler is None:
         t.optimizer.step()
     else:

@@ -521,6 +521,7 @@ class CausalLM(nn.Module):
         Needs the ``safetensors`` package.
         """
         save_file = _safetensors("save_file")
+        _check_extra_files(extra_files)
         if self.family is None:
             raise ValueError(f"{type(self).__name__} has no family: subclass GAM_Model, TransformerLM or MambaLM")
         if self.token_embedding.weight is not self.head.weight:
@@ -842,6 +843,19 @@ def _is_saved_model(folder: Path) -> bool:
         return json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("format") == PRETRAINED_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _check_extra_files(extra_files: dict | None) -> None:
+    """Extra files are plain names inside the model folder (no path, not the model's own
+    files) with str or bytes contents: anything else is refused before anything is written."""
+    for name, data in (extra_files or {}).items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"extra_files name {name!r} is not a plain file name; give a name such as "
+                             "'tokenizer.json' (no folders, no absolute path)")
+        if name in (CONFIG_NAME, WEIGHTS_NAME):
+            raise ValueError(f"extra_files name {name!r} is the model's own file; save_pretrained writes it")
+        if not isinstance(data, (str, bytes)):
+            raise ValueError(f"extra_files[{name!r}] is a {type(data).__name__}; give str or bytes")
 
 
 def _replace_folder(path: Path, write) -> None:

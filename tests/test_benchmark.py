@@ -225,6 +225,24 @@ def test_gradients_are_clipped_to_the_limit(tiny_data):
     assert 0 < norm <= 1e-3 * (1 + 1e-4)
 
 
+def test_grad_clip_0_means_no_clipping(tiny_data):
+    """--grad-clip 0 (nanoGPT's "no clipping"): the gradients reach the optimizer as backward left
+    them; a max norm of 0 would scale them all to zero and the model would never move."""
+    t, cfg = training(tiny_data, grad_clip=0.0, lr=1e-3, warmup_steps=0, dropout=0.0)
+    x, y = next(iter(tiny_data[1]))
+    seen = {}
+    step = t.optimizer.step
+    t.optimizer.step = lambda *a, **k: (seen.update(
+        norm=float(torch.nn.utils.get_total_norm([p.grad for p in t.model.parameters()]))), step(*a, **k))[1]
+    t.model.train()
+    _, loss = t.model(x, y)  # the unclipped gradients, at the weights train_step starts from
+    loss.backward()
+    unclipped = float(torch.nn.utils.get_total_norm([p.grad for p in t.model.parameters()]))
+    t.model.zero_grad()
+    benchmark.train_step(t, x, y, cfg)
+    assert seen["norm"] > 0.1 and seen["norm"] == pytest.approx(unclipped, rel=1e-3)
+
+
 def test_weight_decay_is_applied_to_the_parameters(tiny_data):
     # With a zero gradient AdamW's update is zero, so a step only decays: p <- p * (1 - lr * wd).
     t, cfg = training(tiny_data, warmup_steps=0, lr=0.05, weight_decay=0.1)

@@ -166,6 +166,21 @@ def test_missing_safetensors_names_the_package(tmp_path, monkeypatch):
     assert not (tmp_path / "n").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    pytest.param({"../escape.txt": "x"}, "not a plain file name", id="parent"),
+    pytest.param({"/tmp/abs.txt": "x"}, "not a plain file name", id="absolute"),
+    pytest.param({"sub/file.txt": "x"}, "not a plain file name", id="sub-folder"),
+    pytest.param({"model.safetensors": b"x"}, "the model's own file", id="weights"),
+    pytest.param({"config.json": "{}"}, "the model's own file", id="config"),
+    pytest.param({"notes.txt": 3}, "give str or bytes", id="not-text"),
+])
+def test_extra_files_are_plain_names_with_text_or_bytes(tmp_path, extra, message):
+    target = tmp_path / "inner" / "model"
+    with pytest.raises(ValueError, match=message):
+        make_model("gam").save_pretrained(target, extra_files=extra)
+    assert not (tmp_path / "inner").exists() and not (tmp_path / "escape.txt").exists()
+
+
 def test_overwrite_policy(tmp_path):
     other = tmp_path / "notes"
     other.mkdir()

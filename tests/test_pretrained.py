@@ -204,12 +204,18 @@ def test_overwrite_policy(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m", "notes"]  # no temporary folder left
 
 
-def test_a_failed_save_leaves_the_old_model(tmp_path):
+def test_a_failed_save_leaves_the_old_model(tmp_path, monkeypatch):
     folder = tmp_path / "m"
     make_model("gam").save_pretrained(folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(TypeError):
-        make_model("transformer").save_pretrained(folder, extra_files={"bad": 3})  # fails while writing
+
+    def disk_full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)  # fails while writing the extra file
+    with pytest.raises(OSError, match="No space left"):
+        make_model("transformer").save_pretrained(folder, extra_files={"notes.txt": "x"})
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 

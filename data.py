@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -47,7 +48,7 @@ from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.trainers import BpeTrainer
 
-from reporting import atomic_write_text
+from common import atomic_write_text
 from synthetic import synthetic_corpus
 
 __all__ = [
@@ -317,6 +318,25 @@ class PreparedData:
     tokenizer: Tokenizer | None
     info: dict
     test: DataLoader | None = None
+
+    def check_token_ids(self) -> None:
+        """Every id of every split lies in [0, vocab_size): checked once here, so that the models
+        can skip their per-step range checks (a device sync each)."""
+        for split, loader in (("train", self.train), ("validation", self.validation), ("test", self.test)):
+            if loader is None:
+                continue
+            lo, hi = int(loader.dataset.blocks.min()), int(loader.dataset.blocks.max())
+            if lo < 0 or hi >= self.info["vocab_size"]:
+                raise DataError(f"{split} token ids lie in [{lo}, {hi}], outside the tokenizer's "
+                                f"[0, {self.info['vocab_size']}); delete the tokenizer cache {self.info['tokenizer_path']}")
+
+    def unigram_perplexity(self) -> float:
+        """Validation PPL of a model that knows only the train split's token frequencies (add-one):
+        the floor any LM must beat (a model at this PPL has learned no context at all)."""
+        train, val = self.train.dataset.blocks, self.validation.dataset.blocks
+        counts = torch.bincount(train[:, 1:].reshape(-1), minlength=self.info["vocab_size"]).double() + 1.0
+        log_p = (counts / counts.sum()).log()
+        return math.exp(-log_p[val[:, 1:].reshape(-1)].mean().item())
 
 
 def build_loaders(

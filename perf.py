@@ -29,10 +29,8 @@ import torch.nn.functional as F
 
 from baselines import build_lm
 from gam_model import GAMBlock, ModelConfig
-from reporting import OneLineParser, atomic_write_text, run_metadata
-from scale import _int_at_least
+from common import MIB, OneLineParser, atomic_write_text, int_at_least, run_metadata
 
-MIB = 2**20
 FAMILIES = ("gam", "transformer", "mamba")
 
 
@@ -145,14 +143,14 @@ def parse_args(argv=None):
     p = OneLineParser(prog="perf.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checks", nargs="+", choices=["block", "generate"], default=["block", "generate"],
                    help="what to measure")
-    p.add_argument("--batch", type=_int_at_least(1), default=4, help="block check: batch")
-    p.add_argument("--seq-len", type=_int_at_least(1), default=2048, help="block check: sequence length")
-    p.add_argument("--d-model", type=_int_at_least(1), default=512, help="block check: width")
-    p.add_argument("--reps", type=_int_at_least(1), default=9, help="block check: timed rounds (after one warm-up)")
+    p.add_argument("--batch", type=int_at_least(1), default=4, help="block check: batch")
+    p.add_argument("--seq-len", type=int_at_least(1), default=2048, help="block check: sequence length")
+    p.add_argument("--d-model", type=int_at_least(1), default=512, help="block check: width")
+    p.add_argument("--reps", type=int_at_least(1), default=9, help="block check: timed rounds (after one warm-up)")
     p.add_argument("--models", nargs="+", choices=FAMILIES, default=["gam"], help="generate check: families")
-    p.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), default=[1, 8], help="generate check")
-    p.add_argument("--new-tokens", type=_int_at_least(1), default=255, help="generate check: new tokens")
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch.set_num_threads")
+    p.add_argument("--batch-sizes", nargs="+", type=int_at_least(1), default=[1, 8], help="generate check")
+    p.add_argument("--new-tokens", type=int_at_least(1), default=255, help="generate check: new tokens")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs")
     p.add_argument("--out-dir", required=True, help="where perf.json and perf.md go")
     return p.parse_args(argv)

@@ -44,7 +44,6 @@ import contextlib
 import warnings
 import csv
 import datetime
-import gc
 import io
 import json
 import math
@@ -61,15 +60,15 @@ from tqdm import tqdm
 
 from baselines import BLOCK_NAMES, build_block, build_lm
 from gam_model import ModelConfig
-from reporting import PAPER_TABLE2, OneLineParser, atomic_write_text, new_figure, run_metadata, save_figure
+from common import (DTYPES, MIB, OneLineParser, atomic_write_text, autocast_context, free_memory, int_at_least, is_oom,
+                    run_metadata)
+from report import PAPER_TABLE2, new_figure, save_figure
 
 MODELS = BLOCK_NAMES  # gam, transformer (naive attention), transformer-sdpa, mamba
 LABELS = {"gam": "GAM", "transformer": "Transformer", "transformer-sdpa": "Transformer (SDPA)", "mamba": "Mamba"}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MIB = 2**20
 CPU_MAX_SECONDS = 60.0  # default per-point time budget on CPU (no limit on CUDA)
 
-# The setup of the paper's Table 2 (reporting.PAPER_TABLE2): only for it are the paper's numbers shown.
+# The setup of the paper's Table 2 (report.PAPER_TABLE2): only for it are the paper's numbers shown.
 PAPER_CONFIG = {"device": "cuda", "dtype": "fp16", "batch_size": 16, "d_model": 512, "n_head": 8}
 
 MEMORY_MEASURE = {
@@ -130,18 +129,6 @@ def mode(args) -> dict:
 # -----------------------------------------------------------------------------
 # arguments
 
-def _int_at_least(lo):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            v = lo - 1
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {s!r}")
-        return v
-    return parse
-
-
 def _positive_float(s):
     try:
         v = float(s)
@@ -160,12 +147,12 @@ def parse_args(argv=None):
                         "the language model with its decoding state, vs re-encoding the context")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
                    help=f"blocks to measure, from {', '.join(MODELS)}")
-    p.add_argument("--seq-lens", nargs="+", type=_int_at_least(1), default=[256, 512, 1024, 2048, 4096, 8192])
-    p.add_argument("--batch-size", type=_int_at_least(1), default=None, help="default 16 (train), 1 (decode)")
-    p.add_argument("--d-model", type=_int_at_least(1), default=512)
-    p.add_argument("--n-head", type=_int_at_least(1), default=8)
-    p.add_argument("--warmup", type=_int_at_least(0), default=5)
-    p.add_argument("--iters", type=_int_at_least(1), default=20)
+    p.add_argument("--seq-lens", nargs="+", type=int_at_least(1), default=[256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="default 16 (train), 1 (decode)")
+    p.add_argument("--d-model", type=int_at_least(1), default=512)
+    p.add_argument("--n-head", type=int_at_least(1), default=8)
+    p.add_argument("--warmup", type=int_at_least(0), default=5)
+    p.add_argument("--iters", type=int_at_least(1), default=20)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda if available, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
@@ -174,15 +161,15 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="--mode train: torch.compile the block; its first iteration's time (compilation) "
                         "is in results.json as first_iter_ms")
-    p.add_argument("--reencode-max-len", type=_int_at_least(0), default=1024,
+    p.add_argument("--reencode-max-len", type=int_at_least(0), default=1024,
                    help="--mode decode: time the re-encoding path only up to this context length")
-    p.add_argument("--reencode-reps", type=_int_at_least(1), default=3,
+    p.add_argument("--reencode-reps", type=int_at_least(1), default=3,
                    help="--mode decode: timed re-encodings per point (after one untimed)")
     p.add_argument("--max-seconds", type=_positive_float, default=None,
                    help=f"per-point time budget, estimated from the first iterations; a point over it "
                         f"(and every longer one of that model) is skipped. Default {CPU_MAX_SECONDS:g} "
                         f"on CPU, no limit on CUDA; 'inf' = no limit")
-    p.add_argument("--threads", type=_int_at_least(1), default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="CPU intra-op threads (torch.set_num_threads); default: torch's choice. "
                         "On a busy machine fewer threads than cores avoid slow OpenMP barriers")
     p.add_argument("--out-dir", default=None, help="default runs/scale-<timestamp>")
@@ -231,13 +218,6 @@ def cpu_autocast_supports(dtype: torch.dtype) -> bool:
             return torch.is_autocast_enabled("cpu")
 
 
-def autocast(args):
-    """The forward's precision context: torch.autocast in fp16/bf16, or nothing for fp32."""
-    if args.dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(args.device, dtype=DTYPES[args.dtype])
-
-
 # -----------------------------------------------------------------------------
 # measuring one point
 
@@ -283,13 +263,6 @@ class CpuPeakRss:
         return max(0.0, peak - self.base) / 1024
 
 
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
 def bench_point(name, seq_len, args) -> dict:
     """Time and memory of one (model, seq_len) point in THIS process. Raises on OOM."""
     device = torch.device(args.device)
@@ -308,7 +281,7 @@ def bench_point(name, seq_len, args) -> dict:
     if not cuda:
         # One tiny untimed pass first, so that one-off runtime state (kernel code pages,
         # thread pools: 15-30 MiB measured) lands in the baseline, not in this length's number.
-        with autocast(args):
+        with autocast_context(args.dtype, args.device):
             prime = block(torch.randn(1, min(seq_len, 8), args.d_model, dtype=x_dtype, requires_grad=True))
         prime.sum().backward()
         del prime
@@ -327,7 +300,7 @@ def bench_point(name, seq_len, args) -> dict:
             cpu_peak.reset_peak()  # the baseline stays the RSS before the warm-up
         sync()
         t0 = time.perf_counter()
-        with autocast(args):
+        with autocast_context(args.dtype, args.device):
             out = block(x)
             loss = out.sum()
         loss.backward()
@@ -404,7 +377,7 @@ def bench_decode_point(name, context_len, args) -> dict:
     ids = torch.randint(0, model.config.VOCAB_SIZE, (args.batch_size, context_len + 1), device=device)
     context, new = ids[:, :context_len], ids[:, context_len:]            # (B, T), (B, 1)
     res = {"status": "ok", "implementation": getattr(model, "implementation", name)}
-    with autocast(args):
+    with autocast_context(args.dtype, args.device):
         if context_len <= args.reencode_max_len:  # the paper's path: the whole context per token
             s = time_calls(lambda: model._logits(ids[:, 1:])[:, -1], 1, args.reencode_reps, sync)
             res["reencode_ms_median"] = statistics.median(s) * 1000
@@ -479,12 +452,6 @@ def failure(exc) -> dict:
     return {"status": "OOM" if is_oom(exc) else "error", "note": note}
 
 
-def _free_memory(args):
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-
-
 # -----------------------------------------------------------------------------
 # the sweep
 
@@ -515,7 +482,7 @@ def run_sweep(args, on_row=None) -> list[dict]:
                 res = run_point(name, L, args)
             except Exception as e:
                 res = failure(e)
-            _free_memory(args)  # after the except block, so the traceback's tensors are gone
+            free_memory(args.device)  # after the except block, so the traceback's tensors are gone
         if res["status"] == "skipped":
             skipped_at.setdefault(name, L)
         if res["status"] == "error":

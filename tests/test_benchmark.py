@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import benchmark
-import reporting
+import config
+import runs
+import report
 from gam_model import GAM_Model, ModelConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,16 +35,16 @@ def tiny_args(out_dir: Path, *extra: str, models=("gam",), epochs: int = 2) -> l
 
 
 def tiny_config(out_dir: Path, *extra: str) -> dict:
-    parser = benchmark.build_parser()
+    parser = config.build_parser()
     args = parser.parse_args(tiny_args(out_dir, *extra))
-    return benchmark.resolve_config(args, benchmark.explicit_flags(parser, args))
+    return config.resolve_config(args, config.explicit_flags(parser, args))
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """(cfg, train_loader, val_loader, info) of the tiny synthetic setup, prepared once."""
     cfg = tiny_config(tmp_path_factory.mktemp("data") / "run")
-    prepared = benchmark.prepare_data(cfg, Path(cfg["out_dir"]).parent / "cache", benchmark.Where())["synthetic"]
+    prepared = benchmark.prepare_data(cfg, Path(cfg["out_dir"]).parent / "cache", runs.Where())["synthetic"]
     return cfg, prepared.train, prepared.validation, prepared.info
 
 
@@ -269,14 +271,14 @@ def test_one_loader_iterator_and_the_scheduler_steps_per_epoch(tiny_data, monkey
 
 def test_token_ids_are_checked_once_at_load_time(tiny_data):
     cfg, train_loader, val_loader, info = tiny_data
-    from data import PreparedData
+    from data import DataError, PreparedData
 
-    benchmark.check_token_ids("synthetic", PreparedData(train_loader, val_loader, None, info))  # real data passes
+    PreparedData(train_loader, val_loader, None, info).check_token_ids()  # real data passes
     bad = types.SimpleNamespace(dataset=types.SimpleNamespace(blocks=torch.tensor([[0, 1, info["vocab_size"]]])))
-    with pytest.raises(benchmark.UsageError, match=r"validation token ids lie in \[0, \d+\], outside"):
-        benchmark.check_token_ids("synthetic", PreparedData(train_loader, bad, None, info))
-    with pytest.raises(benchmark.UsageError, match=r"test token ids lie in \[0, \d+\], outside"):
-        benchmark.check_token_ids("synthetic", PreparedData(train_loader, val_loader, None, info, test=bad))
+    with pytest.raises(DataError, match=r"validation token ids lie in \[0, \d+\], outside"):
+        PreparedData(train_loader, bad, None, info).check_token_ids()
+    with pytest.raises(DataError, match=r"test token ids lie in \[0, \d+\], outside"):
+        PreparedData(train_loader, val_loader, None, info, test=bad).check_token_ids()
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():
@@ -293,7 +295,11 @@ def test_unigram_perplexity_matches_hand_computation():
     train = torch.tensor([[9, 0, 0, 1]])
     val = torch.tensor([[9, 0, 2]])
     expected = math.exp(-(math.log(3 / 6) + math.log(1 / 6)) / 2)
-    assert benchmark.unigram_perplexity(train, val, vocab_size=3) == pytest.approx(expected, rel=1e-12)
+    from data import PreparedData
+
+    prepared = PreparedData(*(types.SimpleNamespace(dataset=types.SimpleNamespace(blocks=b)) for b in (train, val)),
+                            None, {"vocab_size": 3})
+    assert prepared.unigram_perplexity() == pytest.approx(expected, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,20 +307,20 @@ def test_unigram_perplexity_matches_hand_computation():
 
 
 def test_presets_and_flag_precedence(tmp_path):
-    parser = benchmark.build_parser()
+    parser = config.build_parser()
     args = parser.parse_args(["--preset", "smoke", "--n-embed", "32", "--out-dir", str(tmp_path)])
-    cfg = benchmark.resolve_config(args, {"preset", "n_embed", "out_dir"})
+    cfg = config.resolve_config(args, {"preset", "n_embed", "out_dir"})
     assert cfg["n_embed"] == 32                                    # flag beats preset
-    assert cfg["n_layer"] == benchmark.PRESETS["smoke"]["n_layer"]  # preset beats paper default
-    assert cfg["lr"] == benchmark.PRESETS["smoke"]["lr"]
-    paper = benchmark.resolve_config(parser.parse_args([]), set())
-    for k, v in benchmark.PAPER_HPARAMS.items():
+    assert cfg["n_layer"] == config.PRESETS["smoke"]["n_layer"]  # preset beats paper default
+    assert cfg["lr"] == config.PRESETS["smoke"]["lr"]
+    paper = config.resolve_config(parser.parse_args([]), set())
+    for k, v in config.PAPER_HPARAMS.items():
         assert paper[k] == v, k
     assert paper["runs"] == {"wikitext2": ["transformer", "mamba", "gam"], "tinystories": ["transformer", "gam"]}
 
 
 def _fake_record(dataset, model, paper_config=True, seed=1337, loss=6.5):
-    switches = benchmark.GAM_VARIANTS.get(model, benchmark.GAM_VARIANTS["gam"])
+    switches = config.GAM_VARIANTS.get(model, config.GAM_VARIANTS["gam"])
     return {"dataset": dataset, "model": model, "seed": seed, "implementation": model, "params": 22_599_680,
             "paper_config": paper_config, "model_config": dict(switches), "status": "done",
             "data": {"rows": {"train": 36718, "validation": 3760}}, "epochs": [],
@@ -323,17 +329,17 @@ def _fake_record(dataset, model, paper_config=True, seed=1337, loss=6.5):
 
 
 def test_paper_numbers_shown_only_for_the_paper_config():
-    paper = dict(benchmark.PAPER_HPARAMS)
+    paper = dict(config.PAPER_HPARAMS)
     rows = {"train": 36718, "validation": 3760}
-    assert benchmark.is_paper_config(paper, "wikitext2", {"rows": rows})
-    assert not benchmark.is_paper_config({**paper, "n_embed": 128}, "wikitext2", {"rows": rows})
-    assert not benchmark.is_paper_config(paper, "tinystories", {"rows": {"train": 2316, "validation": 1840}})
-    assert benchmark.is_paper_config({**paper, "seed": 7}, "wikitext2", {"rows": rows})  # the paper had no seed
+    assert config.is_paper_config(paper, "wikitext2", {"rows": rows})
+    assert not config.is_paper_config({**paper, "n_embed": 128}, "wikitext2", {"rows": rows})
+    assert not config.is_paper_config(paper, "tinystories", {"rows": {"train": 2316, "validation": 1840}})
+    assert config.is_paper_config({**paper, "seed": 7}, "wikitext2", {"rows": rows})  # the paper had no seed
 
-    table = reporting.table1_markdown([_fake_record("wikitext2", "gam")])
+    table = report.table1_markdown([_fake_record("wikitext2", "gam")])
     assert "882.57" in table and "117.2" in table
-    assert "882.57" not in reporting.table1_markdown([_fake_record("wikitext2", "gam", paper_config=False)])
-    t3 = reporting.table3_markdown([_fake_record("wikitext2", m) for m in benchmark.GAM_VARIANTS])
+    assert "882.57" not in report.table1_markdown([_fake_record("wikitext2", "gam", paper_config=False)])
+    t3 = report.table3_markdown([_fake_record("wikitext2", m) for m in config.GAM_VARIANTS])
     for ppl in ("900.84", "905.45", "942.59", "944.70"):
         assert ppl in t3
     assert "| gam-local-only (wikitext2) | no | yes | no |" in t3
@@ -344,12 +350,12 @@ def test_tables_with_several_seeds_show_mean_std_and_count():
     records.append({**_fake_record("wikitext2", "transformer", seed=1), "status": "diverged",
                     "final_val_loss": None, "final_val_ppl": None})
     records.append(_fake_record("wikitext2", "transformer", seed=2, loss=6.4))
-    table = reporting.table1_markdown(records)
+    table = report.table1_markdown(records)
     gam = next(line for line in table.splitlines() if "| gam (" in line)
     assert f"| {6.3:.4f} ± {statistics.stdev([6.0, 6.2, 6.7]):.4f} |" in gam and "| 3 |" in gam
     transformer = next(line for line in table.splitlines() if "| transformer (" in line)
     assert "| 6.4000 |" in transformer and "| 1 of 2 |" in transformer  # one seed diverged
-    t3 = reporting.table3_markdown(records[:3])
+    t3 = report.table3_markdown(records[:3])
     assert "Seeds" in t3.splitlines()[0] and "| 3 |" in t3
 
 
@@ -368,9 +374,9 @@ def test_per_position_loss_matches_a_hand_computation(tiny_data):
 
 
 def _curve_record(model, seed, curve, n_layer=2, k=3):
-    config = {**benchmark.GAM_VARIANTS.get(model, benchmark.GAM_VARIANTS["gam"]), "N_LAYER": n_layer,
-              "CONV_KERNEL_SIZE": k}
-    return {**_fake_record("wikitext2", model, seed=seed), "model_config": config,
+    switches = {**config.GAM_VARIANTS.get(model, config.GAM_VARIANTS["gam"]), "N_LAYER": n_layer,
+                "CONV_KERNEL_SIZE": k}
+    return {**_fake_record("wikitext2", model, seed=seed), "model_config": switches,
             "epochs": [{"epoch": 1, "val_ppl": 500.0, "val_loss_by_position": [9.0] * len(curve)},
                        {"epoch": 2, "val_ppl": 400.0, "val_loss_by_position": curve}]}
 
@@ -383,11 +389,11 @@ def test_context_table_and_figure(tmp_path):
     records = [_curve_record("gam", 1, [5.0] * 40),
                _curve_record("transformer", 1, [v + 0.5 for v in base]),
                _curve_record("transformer", 2, [v - 0.5 for v in base])]
-    table = reporting.context_markdown(records)
+    table = report.context_markdown(records)
     assert "| wikitext2 | gam | 1 | 5.0000 | 5.0000 | 5.0000 | +0.0000 |" in table
     assert "| wikitext2 | transformer | 2 | 6.0000 | 6.0000 | 4.0000 | +2.0000 |" in table
     assert "R = 5 tokens" in table
-    reporting.plot_context(records, tmp_path / "context.png")
+    report.plot_context(records, tmp_path / "context.png")
     assert (tmp_path / "context.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -520,7 +526,7 @@ def test_a_non_finite_loss_stops_at_the_next_read_naming_its_step(tiny_data, mon
         return loss * float("nan") if len(calls) in (6, 7) else loss  # steps 6 and 7
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
-    with pytest.raises(benchmark.DivergedError, match=r"non-finite training loss .* at step 6$"):
+    with pytest.raises(runs.DivergedError, match=r"non-finite training loss .* at step 6$"):
         benchmark.train_epoch(t, tiny_data[1], cfg, CPU, "nan", lambda m: None)
     assert t.scheduler.last_epoch == 8  # stopped at the read after step 8, not at the epoch end
 

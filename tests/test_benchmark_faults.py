@@ -20,6 +20,8 @@ import pytest
 import torch
 
 import benchmark
+import config
+import runs
 from test_benchmark import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,10 +151,10 @@ def test_a_fresh_command_refuses_an_existing_run(finished_run, capsys):
 def test_default_out_dir_never_collides(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(benchmark.time, "strftime", lambda fmt: "20250101-000000")
-    first = benchmark.default_out_dir()
+    first = config.default_out_dir()
     assert first == os.path.join("runs", "20250101-000000")
     os.makedirs(first)
-    assert benchmark.default_out_dir() == first + "-2"
+    assert config.default_out_dir() == first + "-2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,25 +512,25 @@ def test_wandb_offline_logs_every_step_and_epoch_silently(fake_wandb, tmp_path, 
     read = [s for s in range(1, 13) if s % benchmark.LOG_EVERY == 0 or s == 12]  # the loss: when read
     assert [m["step"] for m in steps[:12] if "train/loss" in m] == read
     record = json.loads((out / "results.json").read_text())[0]
-    assert fake_wandb.finishes[0] == (0, {k: record[k] for k in benchmark.WandbRun.SUMMARY if k in record})
+    assert fake_wandb.finishes[0] == (0, {k: record[k] for k in runs.WandbRun.SUMMARY if k in record})
 
 
 def test_wandb_mode_is_decided_once_before_training(fake_wandb, monkeypatch, capsys):
-    mode = benchmark.resolve_wandb_mode
+    mode = runs.resolve_wandb_mode
     assert mode(None, "out") == "disabled" and mode("offline", "out") == "offline"  # no login: nothing logged
-    assert benchmark.WandbLogger("disabled", "p", "out").start("x", {}).run is None and not fake_wandb.inits
-    with pytest.raises(benchmark.UsageError, match="--wandb online needs a wandb login"):
+    assert runs.WandbLogger("disabled", "p", "out").start("x", {}).run is None and not fake_wandb.inits
+    with pytest.raises(config.UsageError, match="--wandb online needs a wandb login"):
         mode("online", "out")
 
     monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: refused at once
-    with pytest.raises(benchmark.UsageError, match="--wandb online: http://127.0.0.1:9 cannot be reached"):
+    with pytest.raises(config.UsageError, match="--wandb online: http://127.0.0.1:9 cannot be reached"):
         mode("online", "out")
     capsys.readouterr()
     assert mode(None, "out") == "offline"  # by default: a fallback with one warning line
     err = capsys.readouterr().err.strip().splitlines()
     assert_one_line(err, "warning: http://127.0.0.1:9 cannot be reached", "offline")
-    monkeypatch.setattr(benchmark, "wandb_unreachable", lambda url: None)
+    monkeypatch.setattr(runs, "wandb_unreachable", lambda url: None)
     assert mode(None, "out") == "online" and mode("online", "out") == "online"
 
     monkeypatch.delenv("WANDB_API_KEY")
@@ -553,5 +555,5 @@ def test_wandb_that_fails_to_start_does_not_stop_training(fake_wandb, tmp_path, 
 
 def test_wandb_probe_reports_a_refused_connection_quickly():
     start = time.monotonic()
-    why = benchmark.wandb_unreachable("http://127.0.0.1:9")
-    assert why and "refused" in why.lower() and time.monotonic() - start < benchmark.WANDB_PROBE_TIMEOUT_S + 2
+    why = runs.wandb_unreachable("http://127.0.0.1:9")
+    assert why and "refused" in why.lower() and time.monotonic() - start < runs.WANDB_PROBE_TIMEOUT_S + 2

@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import benchmark
-import reporting
+import config
+import runs
+import report
 from baselines import MambaLM, TransformerLM
 from data import PreparedData
 from gam_model import CausalLM, GAM_Model, ModelConfig
@@ -260,13 +262,13 @@ def test_benchmark_exports_each_model_with_its_tokenizer(smoke_run, model_name):
 def test_benchmark_writes_samples(smoke_run):
     records = json.loads((smoke_run / "results.json").read_text())
     prompts = records[0]["samples"]["prompts"]
-    assert len(prompts) == benchmark.SAMPLE_PROMPTS and all(prompts)
+    assert len(prompts) == runs.SAMPLE_PROMPTS and all(prompts)
     for r in records:
         s = r["samples"]
         assert r["export"] == f"models/synthetic-{r['model']}" and s["prompts"] == prompts  # the same prompts
         assert len(s["greedy"]) == len(s["sampled"]) == len(prompts) and all(s["greedy"]) and all(s["sampled"])
     text = (smoke_run / "samples.md").read_text()
-    assert text == reporting.samples_markdown(records)
+    assert text == report.samples_markdown(records)
     for model_name in ("transformer", "mamba", "gam"):
         assert text.count(f"\n| {model_name} | ") == len(prompts)
 
@@ -277,10 +279,10 @@ def test_greedy_sample_is_the_model_argmax(smoke_run):
     record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == "gam")
     model, tokenizer = GAM_Model.from_pretrained(folder).eval(), Tokenizer.from_file(str(folder / "tokenizer.json"))
     val = benchmark.load_dataset(record["config"], "synthetic", smoke_run.parent.parent / "cache").validation.dataset.blocks
-    idx = val[:1, :benchmark.SAMPLE_PROMPT_TOKENS]
-    for _ in range(benchmark.SAMPLE_NEW_TOKENS):  # the reference: argmax of forward on the cropped context
+    idx = val[:1, :runs.SAMPLE_PROMPT_TOKENS]
+    for _ in range(runs.SAMPLE_NEW_TOKENS):  # the reference: argmax of forward on the cropped context
         idx = torch.cat([idx, model(idx[:, -model.config.BLOCK_SIZE:])[0][:, -1].argmax(-1, keepdim=True)], 1)
-    assert tokenizer.decode(idx[0, benchmark.SAMPLE_PROMPT_TOKENS:].tolist()) == record["samples"]["greedy"][0]
+    assert tokenizer.decode(idx[0, runs.SAMPLE_PROMPT_TOKENS:].tolist()) == record["samples"]["greedy"][0]
 
 
 def test_resume_republishes_the_same(smoke_run, tmp_path, capsys):
@@ -300,7 +302,7 @@ def test_no_tokenizer_no_tokenizer_json_and_no_samples(tmp_path):
     cfg = {"out_dir": str(tmp_path), "seed": 0, "seeds": [0]}
     record = {}
     no_tokenizer = PreparedData(None, None, None, {"tokenizer_path": None})
-    benchmark.publish_model(cfg, "mqar", "gam", make_model("gam"), no_tokenizer, record)
+    runs.publish_model(cfg, "mqar", "gam", make_model("gam"), no_tokenizer, record)
     assert {p.name for p in (tmp_path / "models" / "mqar-gam").iterdir()} == {"config.json", "model.safetensors"}
     assert record == {"export": "models/mqar-gam"}
 
@@ -311,18 +313,18 @@ def test_a_changed_tokenizer_cache_is_refused(smoke_run, tmp_path):
     tok.add_tokens(["zzz"])
     tok.save(str(other))
     cfg = {"out_dir": str(tmp_path), "data_fingerprint": {"synthetic": {"tokenizer": "0" * 64}}}
-    with pytest.raises(benchmark.RunError, match="vanished or changed"):
-        benchmark.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(other)})
-    with pytest.raises(benchmark.RunError, match="vanished or changed"):
-        benchmark.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(tmp_path / "gone.json")})
+    with pytest.raises(runs.RunError, match="vanished or changed"):
+        runs.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(other)})
+    with pytest.raises(runs.RunError, match="vanished or changed"):
+        runs.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(tmp_path / "gone.json")})
 
 
 def test_samples_markdown_escapes_model_text():
     samples = {"prompts": ["a | b"], "greedy": ["*x*\nnew line"], "sampled": ["# [y](z)"],
                "new_tokens": 48, "temperature": 1.0, "seed": 0}
-    text = reporting.samples_markdown([{"dataset": "d", "seed": 0, "model": "gam", "samples": samples}])
+    text = report.samples_markdown([{"dataset": "d", "seed": 0, "model": "gam", "samples": samples}])
     assert "> a \\| b" in text and "| gam | \\*x\\* new line | \\# \\[y\\](z) |" in text
-    assert reporting.samples_markdown([{"dataset": "mqar", "seed": 0, "model": "gam"}]) == ""
+    assert report.samples_markdown([{"dataset": "mqar", "seed": 0, "model": "gam"}]) == ""
 
 
 def test_readme_use_a_trained_model_runs(smoke_run, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import benchmark
+import report
 from test_benchmark import tiny_args
 
 
@@ -89,3 +90,23 @@ def test_lr_sweep_report_marks_each_models_best_by_validation_and_says_if_it_is_
     capsys.readouterr()
     assert benchmark.main(["--lr-sweep", "--out-dir", str(tmp_path / "x")]) == 2
     assert "--lr-sweep goes with --report" in capsys.readouterr().err
+
+
+def _sweep_record(lr, val_loss=None, status="done"):
+    r = {"dataset": "wikitext2", "model": "mamba", "seed": 1, "status": status, "config": {"lr": lr}}
+    if status == "done":
+        r.update(final_val_loss=val_loss, final_val_ppl=2.718281828 ** val_loss, final_test_ppl=None)
+    return r
+
+
+def test_lr_sweep_counts_a_diverged_larger_lr_as_bracketing_the_best():
+    """A larger lr that diverged is worse than the best: the best is then inside the grid. Without
+    it, the same best sits at the grid's end. Diverged rows are listed, not dropped."""
+    finished = [_sweep_record(1e-3, 6.0), _sweep_record(3e-3, 5.5)]
+    at_end = report.lr_sweep_markdown(finished)
+    assert "Best by validation loss: lr 0.003, at an end of the grid" in at_end
+    text = report.lr_sweep_markdown([*finished, _sweep_record(1e-2, status="diverged")])
+    assert "Best by validation loss: lr 0.003, inside the grid" in text
+    assert "| 0.01 | diverged | — | — |" in text
+    assert "**0.003**" in text and "**0.001**" not in text
+    assert "No learning rate finished" in report.lr_sweep_markdown([_sweep_record(1e-2, status="diverged")])

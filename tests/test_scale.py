@@ -334,8 +334,8 @@ def test_bad_args_through_the_cli():
 
 def test_bf16_on_cpu_runs_under_autocast(monkeypatch):
     seen = []
-    real = scale.autocast
-    monkeypatch.setattr(scale, "autocast", lambda args: seen.append(args.dtype) or real(args))
+    real = scale.autocast_context
+    monkeypatch.setattr(scale, "autocast_context", lambda dtype, device: seen.append(dtype) or real(dtype, device))
     res = scale.bench_point("gam", 16, scale.parse_args(["--seq-lens", "16", *TINY, "--dtype", "bf16"]))
     assert res["status"] == "ok" and seen and set(seen) == {"bf16"}
     assert res["first_iter_ms"] > 0

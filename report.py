@@ -1,114 +1,20 @@
-"""What benchmark.py and scale.py share: atomic writes, run metadata, the paper's tables
-(restated from shared/SPEC.md section 4), our tables beside them, and figures."""
+"""The paper's numbers (its Tables 1-3) and ours beside them: the tables, figures and
+summaries that benchmark.py and scale.py write."""
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import math
 import os
-import platform
 import re
-import subprocess
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 
-REPO_DIR = Path(__file__).resolve().parent
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename.
-
-    A reader (or a killed run) never sees a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def git_commit() -> str | None:
-    """The repository's HEAD commit (with '-dirty' when the tree has changes), or None."""
-    try:
-        run = lambda *a: subprocess.run(  # noqa: E731
-            ["git", *a], cwd=REPO_DIR, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        sha = run("rev-parse", "HEAD")
-        dirty = run("status", "--porcelain", "--untracked-files=no")
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_description(device: str | torch.device) -> str:
-    """Human-readable hardware name, e.g. 'NVIDIA H200' or 'AMD EPYC ... (2 threads)'."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def run_metadata(device: str | torch.device) -> dict:
-    return {
-        "device": str(device),
-        "device_name": device_description(device),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "git_commit": git_commit(),
-    }
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (exit code 2), not a usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
+import distributed
+from common import atomic_save_figure, atomic_write_json, atomic_write_text, device_description, one_line
+from config import GAM_VARIANTS, OLDER_CONFIG_DEFAULTS, UsageError, flag
 
 # ---------------------------------------------------------------------------------------
 # The paper's numbers (arXiv:2509.00605), printed beside ours; never copied into our results.
@@ -134,8 +40,6 @@ PAPER_TABLE2 = {
     "transformer": {256: (8.90, 216.03), 512: (23.86, 552.98), 1024: (74.19, 1964.79),
                     2048: (279.37, 7483.92), 4096: None, 8192: None},
 }
-# Rows (train, validation) the paper's Table 1 runs saw: WikiText-2 whole, TinyStories capped.
-PAPER_ROWS = {"wikitext2": (36718, 3760), "tinystories": (50000, 5000)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,31 +181,36 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
     save_figure(fig, path, dpi=120)
 
 
-def sweep_points(records: list[dict]) -> dict:
-    """(dataset, model) -> [(lr, record)] sorted by lr, finished records only."""
+def sweep_points(records: list[dict], finished_only: bool = True) -> dict:
+    """(dataset, model) -> [(lr, record)] sorted by lr: finished records, or all of them."""
     points: dict[tuple, list] = {}
     for r in records:
-        if r.get("status") == "done":
+        if r.get("status") == "done" or not finished_only:
             points.setdefault((r["dataset"], r["model"]), []).append((r["config"]["lr"], r))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in points.items()}
 
 
 def lr_sweep_markdown(records: list[dict]) -> str:
     """Per (dataset, model): validation (and test) PPL at each learning rate; the best by
-    validation loss in bold, and whether it lies inside the grid (an end point may not be the best)."""
+    validation loss in bold, and whether it lies inside the grid, that is, whether a smaller and a
+    larger lr were tried (a larger one that diverged counts: it is worse)."""
     lines = []
-    for (dataset, model), pts in sweep_points(records).items():
-        best = min(range(len(pts)), key=lambda i: pts[i][1]["final_val_loss"])
-        inside = 0 < best < len(pts) - 1
+    for (dataset, model), pts in sweep_points(records, finished_only=False).items():
+        done = [(lr, r) for lr, r in pts if r.get("status") == "done"]
+        best_lr = min(done, key=lambda p: p[1]["final_val_loss"])[0] if done else None
         lines += [f"### {model} on {dataset}", "", "| lr | Val loss | Val PPL | Test PPL |", "|---|---|---|---|"]
-        for i, (lr, r) in enumerate(pts):
+        for lr, r in pts:
+            if r.get("status") != "done":
+                lines.append(f"| {lr:g} | {r.get('status', '?')} | — | — |")
+                continue
             cells = [f"{lr:g}", fmt(r["final_val_loss"]), fmt(r["final_val_ppl"], ".2f"), fmt(r.get("final_test_ppl"), ".2f")]
-            lines.append("| " + " | ".join(f"**{c}**" if i == best else c for c in cells) + " |")
+            lines.append("| " + " | ".join(f"**{c}**" if lr == best_lr else c for c in cells) + " |")
+        if best_lr is None:
+            lines += ["", "No learning rate finished.", ""]
+            continue
+        inside = min(lr for lr, _ in pts) < best_lr < max(lr for lr, _ in pts)
         where = "inside the grid" if inside else "at an end of the grid: extend it before relying on this choice"
-        lines += ["", f"Best by validation loss: lr {pts[best][0]:g}, {where}.", ""]
-    failed = [f"{r['model']} lr {r['config']['lr']:g}" for r in records if r.get("status") != "done"]
-    if failed:
-        lines.append("Not finished (diverged or running): " + ", ".join(failed) + ".")
+        lines += ["", f"Best by validation loss: lr {best_lr:g}, {where}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +222,7 @@ def plot_lr_sweep(records: list[dict], path: str | os.PathLike) -> None:
     for ax, dataset in zip(axes, datasets):
         for i, ((d, model), pts) in enumerate(sweeps.items()):
             if d == dataset:
-                ax.plot([lr for lr, _ in pts], [r["final_val_ppl"] for _, r in pts], "o-", label=model,
+                ax.plot([lr for lr, _ in pts], [r["final_val_ppl"] for _, r in pts], "-", label=model,
                         color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10])
         ax.set(title=dataset, xlabel="peak learning rate", ylabel="final validation perplexity", xscale="log",
                yscale="log")
@@ -450,3 +359,122 @@ def markdown_text(text: str) -> str:
     """Model output as literal text on one line (a table cell): markdown's active characters escaped."""
     text = re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", " ".join(text.split()))
     return "\\" + text if text[:1] in ("#", "+", "-", "=") else text  # not a heading or list item
+
+
+def print_tables(out_dir: Path, names=("table1.md", "recall.md")) -> None:
+    for name in names:
+        table = out_dir / name
+        print(table.read_text() if table.exists() else "", end="\n")
+    print(f"results: {out_dir / 'results.json'}")
+
+
+# Keys two runs of one dataset may differ in without changing what a record measures.
+REPORT_FREE_KEYS = {"seed", "seeds", "runs", "out_dir", "preset", "num_workers", "data_dirs", "mamba_impl",
+                    "world_size"}  # the same global batch on 1 or W processes
+
+
+def write_report(run_dirs: list[str], explicit: set[str], out_dir: Path) -> int:
+    extra = explicit - {"report", "out_dir", "lr_sweep"}
+    if extra:
+        raise UsageError("--report takes only --out-dir and --lr-sweep; drop "
+                         + " ".join(flag(k) for k in sorted(extra)))
+    sweep = "lr_sweep" in explicit
+    records = combined_records([Path(d) for d in run_dirs], free=REPORT_FREE_KEYS | ({"lr"} if sweep else set()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if sweep:
+        atomic_write_json(out_dir / "results.json", records)
+        atomic_write_text(out_dir / "lr_sweep.md", lr_sweep_markdown(records))
+        plot_lr_sweep(records, out_dir / "lr_sweep.png")
+        print((out_dir / "lr_sweep.md").read_text(encoding="utf-8"))
+        print(f"learning-rate sweep of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
+        return 0
+    write_results(records, out_dir)
+    print_tables(out_dir, ("table1.md", "table3.md", "recall.md"))
+    print(f"report of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
+    return 0
+
+
+def combined_records(run_dirs: list[Path], free: set = REPORT_FREE_KEYS) -> list[dict]:
+    """Every record of every run, refusing a (dataset, model, seed) given twice and runs of one
+    dataset whose settings differ outside ``free`` (those would not belong in one table). In a
+    learning-rate sweep ``free`` holds "lr", and a record is (dataset, model, seed, lr)."""
+    records, source, first = [], {}, {}
+    for run_dir in run_dirs:
+        for r in run_records(run_dir):
+            key = (r["dataset"], r["model"], r["seed"], *([r["config"].get("lr")] if "lr" in free else []))
+            if key in source:
+                raise UsageError(f"--report: {'/'.join(map(str, key))} is in both {source[key]} and {run_dir}; "
+                                 "give each run once")
+            source[key] = run_dir
+            ref_dir, ref = first.setdefault(r["dataset"], (run_dir, r))
+            a, b = ({**OLDER_CONFIG_DEFAULTS, **x["config"]} for x in (ref, r))
+            for k in sorted((set(a) & set(b)) - free):
+                if a[k] != b[k]:
+                    raise UsageError(f"--report: {r['dataset']} runs differ in {k} ({ref_dir}: {a[k]}, "
+                                     f"{run_dir}: {b[k]}); report them separately")
+            records.append(r)
+    return records
+
+
+def run_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "results.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--report: cannot read {path} ({one_line(e)}); is {run_dir} a finished run?") from None
+    needed = {"dataset", "model", "config", "epochs", "status"}
+    if not (isinstance(records, list) and records
+            and all(isinstance(r, dict) and needed <= set(r) and isinstance(r["config"], dict) for r in records)):
+        raise UsageError(f"--report: {path} is not a benchmark.py results.json")
+    for r in records:
+        r.setdefault("seed", r["config"].get("seed"))  # records before --seeds carried it in the config only
+    return records
+
+
+def speed_row(model_name: str, t, seconds: list[float], cfg: dict) -> dict:
+    median = statistics.median(seconds)
+    return {"model": model_name, "params": t.model.num_params(), "implementation": t.model.implementation,
+            "step_s_median": median, "step_s_min": min(seconds), "step_s_max": max(seconds),
+            "tokens_per_s": cfg["batch_size"] * cfg["block_size"] / median}
+
+
+def speed_markdown(rows: list[dict], cfg: dict, device: torch.device) -> str:
+    ref = next((r for r in rows if r["model"] == "gam"), rows[0])
+    lines = ["| Model | Params | Step time, median [min, max] (s) | Tokens / s | Time relative to " + ref["model"] + " |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} ({r['implementation']}) | {r['params']:,} | {r['step_s_median']:.3f} "
+                     f"[{r['step_s_min']:.3f}, {r['step_s_max']:.3f}] | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_s_median'] / ref['step_s_median']:.2f}x |")
+    return "\n".join(lines + ["", f"One training step (forward, backward, clip, AdamW, schedule) at batch "
+                               f"{cfg['batch_size']} x {cfg['block_size']} tokens, {cfg['dtype']}"
+                               f"{', compiled' if cfg['compile'] else ''}, on {device_description(device)}; "
+                               "models interleaved step by step; median over the timed steps."]) + "\n"
+
+
+def write_results(records: list[dict], out_dir: Path) -> None:
+    if not distributed.is_main():
+        return
+    atomic_write_json(out_dir / "results.json", records)
+    if any(r["model"] in ("gam", "transformer", "mamba") for r in records):
+        atomic_write_text(out_dir / "table1.md", table1_markdown(records))
+    if len({r["model"] for r in records if r["model"] in GAM_VARIANTS}) > 1:
+        atomic_write_text(out_dir / "table3.md", table3_markdown(records))
+    if any(r["epochs"] for r in records):
+        plot_curves(records, out_dir / "curves.png")
+    language = [r for r in records if r["dataset"] != "mqar"]  # recall scores queries only
+    if any(r["epochs"] for r in language):
+        plot_context(language, out_dir / "context.png")
+    for name, text in (("context.md", context_markdown(language)), ("recall.md", recall_markdown(records)),
+                       ("samples.md", samples_markdown(records))):
+        if text:
+            atomic_write_text(out_dir / name, text)
+
+
+def write_unigram(data: dict, out_dir: Path) -> int:
+    if not distributed.is_main():
+        return 0
+    keys = ("unigram_val_ppl", "vocab_size", "tokenizer_splits", "tokens", "block_size", "rows")
+    atomic_write_json(out_dir / "unigram.json", {d: {k: p.info[k] for k in keys} for d, p in data.items()})
+    print(f"unigram reference: {out_dir / 'unigram.json'}")
+    return 0

@@ -1,6 +1,6 @@
 """Data pipeline for the GAM reproduction: text splits, BPE tokenizer, 257-token blocks.
 
-What the paper / reference ``benchmark.py`` do (SPEC section 3), and how this module
+What the paper (its section 4) and the author's ``benchmark.py`` do, and how this module
 reproduces it, in the order the code below follows:
 
 1. Text splits (:func:`load_text_splits`) come from the Hugging Face Hub
@@ -144,7 +144,7 @@ def get_tokenizer(
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool | None = None,
 ) -> Tokenizer:
-    """BPE tokenizer as in SPEC section 3, trained on ``train_on`` only.
+    """The paper's BPE tokenizer (its section 4), trained on ``train_on`` only.
 
     ``train_on``: a split name, a list of names, or ``"all"`` (every split: what the
     reference code does). With ``cache_dir`` the trained tokenizer is stored as
@@ -459,7 +459,7 @@ def build_mqar_loaders(*, vocab_size: int, block_size: int, num_kv_pairs: int, n
                        num_validation: int, batch_size: int, seed: int = 0, num_workers: int = 0,
                        data_seed: int = 0, rank: int = 0,
                        world_size: int = 1) -> PreparedData:
-    """Multi-query associative recall (SPEC section 8) -> a PreparedData without tokenizer or test.
+    """Multi-query associative recall (Zoology's MQAR, see ``synthetic.mqar``) -> a PreparedData without tokenizer or test.
 
     The examples come from ``data_seed`` (fixed: every model and seed sees the same task);
     ``seed`` orders the training examples, as for text. No tokenizer: ids are the task's."""

@@ -1,4 +1,4 @@
-"""Issue 9's performance checks, in one process (numbers in assets/perf-cpu/):
+"""Performance checks of the GAM block and of generation, in one process (numbers in assets/perf-cpu/):
 
     python perf.py --out-dir assets/perf-cpu --threads 1
 
@@ -35,7 +35,7 @@ FAMILIES = ("gam", "transformer", "mamba")
 
 
 def author_style_forward(block: GAMBlock, x: torch.Tensor) -> torch.Tensor:
-    """A GAM block as the author's code writes it (SPEC section 1), on ``block``'s weights:
+    """A GAM block as the author's code writes it (the paper's equations), on ``block``'s weights:
     the convolution padded on both sides and cut to T, the gate's two halves by chunk."""
     T, k = x.shape[1], block.kernel_size
     h = block.ln1(x)                                                          # (B, T, C)

@@ -238,7 +238,7 @@ def plot_lr_sweep(records: list[dict], path: str | os.PathLike) -> None:
 
 
 def receptive_field(model_config: dict) -> int:
-    """GAM's receptive field in tokens (SPEC section 1): N_LAYER * (k - 1) + 1."""
+    """GAM's receptive field in tokens: N_LAYER * (k - 1) + 1 (only the convolutions mix positions)."""
     if not model_config.get("USE_LOCAL", True):
         return 1
     return model_config["N_LAYER"] * (model_config["CONV_KERNEL_SIZE"] - 1) + 1

@@ -30,7 +30,7 @@ Peak memory over the timed iterations, in MiB (2**20 bytes, as the author's
     pass); see ``CpuPeakRss`` and ``MEMORY_MEASURE``. Parameters and input are therefore
     NOT included on CPU, unlike on CUDA; their gradients and the activations are.
 
-Differences from the author's scale.py (SPEC section 5): it runs on CPU too, writes the
+Differences from the author's scale.py: it runs on CPU too, writes the
 figures, tables and raw results to --out-dir, records OOM / time-limit points explicitly
 instead of crashing or inventing numbers, and fits a scaling exponent per model. The
 input gets a gradient (the author's does not: +1 (B, T, C) tensor) and there is no

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def shared_data_dir() -> Path | None:
-    """../shared/data (or $GAM_SHARED_DATA) when present; tests that need it skip otherwise."""
+    """The real data folder (../shared/data next to the repository, or $GAM_SHARED_DATA) when present; tests that need it skip otherwise."""
     for candidate in (os.environ.get("GAM_SHARED_DATA"), REPO.parent / "shared" / "data"):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)

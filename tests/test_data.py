@@ -140,7 +140,7 @@ def test_tokenizer_special_tokens_and_settings():
     assert [tok.token_to_id(t) for t in ("[UNK]", "[PAD]", "[SOS]", "[EOS]")] == [0, 1, 2, 3]
     # Whitespace pre-tokenizer: punctuation splits off; no special tokens are added
     assert tok.encode("the cat.").tokens == ["the", "cat", "."]
-    assert tok.encode("zzz").ids == [0, 0, 0]  # unseen chars: one [UNK] each (fuse_unk off, as in SPEC)
+    assert tok.encode("zzz").ids == [0, 0, 0]  # unseen chars: one [UNK] each (fuse_unk off, as the author's tokenizer)
     assert tok.get_vocab_size() <= 300
 
 

@@ -77,8 +77,9 @@ def seed_count(group: list[dict]) -> str:
 
 def table1_markdown(records: list[dict]) -> str:
     groups = [g for g in group_seeds(records) if g[0]["model"] in ("gam", "transformer", "mamba")]
-    seeds, test = any(len(g) > 1 for g in groups), has_test(records)
-    head = ["Dataset", "Model", "Params", *(["Seeds"] if seeds else []), "Time / epoch (s)", "Val loss", "Val PPL",
+    seeds, test, lrs = any(len(g) > 1 for g in groups), has_test(records), own_lrs(groups)
+    head = ["Dataset", "Model", "Params", *(["LR"] if lrs else []), *(["Seeds"] if seeds else []),
+            "Time / epoch (s)", "Val loss", "Val PPL",
             *(["Test loss", "Test PPL"] if test else []),
             "Paper params", "Paper time / epoch (s)", "Paper val loss", "Paper val PPL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -93,7 +94,8 @@ def table1_markdown(records: list[dict]) -> str:
             notes.add(f"The paper reports no {r['model']} run on {r['dataset']}.")
         p = paper or {}
         cells = [r["dataset"], f"{r['model']} ({r['implementation']})", f"{r['params'] / 1e6:.2f} M",
-                 *([seed_count(g)] if seeds else []), seed_cell(g, "mean_epoch_time_s", ".1f"),
+                 *([f"{r['config']['lr']:g}"] if lrs else []), *([seed_count(g)] if seeds else []),
+                 seed_cell(g, "mean_epoch_time_s", ".1f"),
                  seed_cell(g, "final_val_loss", ".4f"), seed_cell(g, "final_val_ppl", ".2f"),
                  *([seed_cell(g, "final_test_loss", ".4f"), seed_cell(g, "final_test_ppl", ".2f")] if test else []),
                  p.get("params", "—"), fmt(p.get("epoch_time_s"), ".1f"), fmt(p.get("val_loss")),
@@ -103,6 +105,8 @@ def table1_markdown(records: list[dict]) -> str:
         notes.add("With several seeds: mean ± sample standard deviation over the seeds that finished.")
     if test:
         notes.add(TEST_NOTE)
+    if lrs:
+        notes.add(LR_NOTE)
     unigram = {g[0]["dataset"]: g[0]["data"].get("unigram_val_ppl") for g in groups}
     notes.update(f"Reference: a unigram model (train token frequencies, add-one smoothing) has validation "
                  f"PPL {ppl:.2f} on {d} with this tokenizer." for d, ppl in unigram.items() if ppl)
@@ -120,8 +124,9 @@ def has_test(records: list[dict]) -> bool:
 
 def table3_markdown(records: list[dict]) -> str:
     groups = [g for g in group_seeds(records) if g[0]["model"] in PAPER_TABLE3]
-    seeds, test = any(len(g) > 1 for g in groups), has_test(records)
-    head = ["Model configuration", "Gating", "Local", "Global", "Params", *(["Seeds"] if seeds else []),
+    seeds, test, lrs = any(len(g) > 1 for g in groups), has_test(records), own_lrs(groups)
+    head = ["Model configuration", "Gating", "Local", "Global", "Params", *(["LR"] if lrs else []),
+            *(["Seeds"] if seeds else []),
             "Best val PPL", *(["Test PPL"] if test else []), "Paper params", "Paper best val PPL"]
     lines = ["| " + " | ".join(head) + " |", "|---|:-:|:-:|:-:|" + "---|" * (len(head) - 4)]
     mark = lambda b: "yes" if b else "no"  # noqa: E731
@@ -130,11 +135,64 @@ def table3_markdown(records: list[dict]) -> str:
         comparable = r["dataset"] == "wikitext2" and all(x.get("paper_config") for x in g)
         paper = PAPER_TABLE3[r["model"]] if comparable else {}
         cells = [f"{r['model']} ({r['dataset']})", mark(mc["USE_GATE"]), mark(mc["USE_LOCAL"]), mark(mc["USE_GLOBAL"]),
-                 f"{r['params'] / 1e6:.2f} M", *([seed_count(g)] if seeds else []), seed_cell(g, "best_val_ppl", ".2f"),
+                 f"{r['params'] / 1e6:.2f} M", *([f"{r['config']['lr']:g}"] if lrs else []),
+                 *([seed_count(g)] if seeds else []), seed_cell(g, "best_val_ppl", ".2f"),
                  *([seed_cell(g, "final_test_ppl", ".2f")] if test else []),
                  paper.get("params", "—"), fmt(paper.get("best_val_ppl"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ([""] + [TEST_NOTE] if test else [])) + "\n"
+    notes = [*([TEST_NOTE] if test else []), *([LR_NOTE] if lrs else [])]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+LR_NOTE = ("LR: each model's peak learning rate. Where models differ in it, each was trained at its own "
+           "learning rate (chosen by a sweep on validation loss), not at one shared rate.")
+
+
+def own_lrs(groups: list[list[dict]]) -> bool:
+    """Whether the rows' models were trained at different learning rates."""
+    return len({g[0]["config"].get("lr") for g in groups}) > 1
+
+
+# ---------------------------------------------------------------------------------------
+# Paired differences: the same seed (same init seed and data order) for two models, so
+# that the seed-to-seed spread that both share cancels.
+
+
+def paired_differences(records: list[dict], metric: str) -> list[dict]:
+    """Per dataset: each model against the reference (the Transformer for Table 1 models, full
+    GAM for the Table 3 variants), over the seeds both finished: the per-seed differences
+    model - reference of ``metric``, their mean and sample std, and in how many seeds the model
+    was lower."""
+    done = {(r["dataset"], r["model"], r["seed"]): r[metric] for r in records
+            if r.get("status") == "done" and r.get(metric) is not None}
+    rows = []
+    for dataset, model in dict.fromkeys((d, m) for d, m, _ in done):
+        ref = "gam" if model in PAPER_TABLE3 and model != "gam" else "transformer"
+        seeds = sorted(s for d, m, s in done if (d, m) == (dataset, model) and (dataset, ref, s) in done)
+        if model == ref or len(seeds) < 2:
+            continue
+        diffs = [done[(dataset, model, s)] - done[(dataset, ref, s)] for s in seeds]
+        rows.append({"dataset": dataset, "model": model, "reference": ref, "metric": metric, "seeds": seeds,
+                     "differences": diffs, "mean": statistics.fmean(diffs), "std": statistics.stdev(diffs),
+                     "lower_in": sum(x < 0 for x in diffs)})
+    return rows
+
+
+def paired_markdown(records: list[dict]) -> str:
+    """The paired differences in test PPL (validation PPL where there is no test split), or ''."""
+    rows = [row for metric in ("final_test_ppl", "final_val_ppl") for row in paired_differences(records, metric)
+            if metric == "final_test_ppl" or not has_test([r for r in records if r["dataset"] == row["dataset"]])]
+    if not rows:
+        return ""
+    lines = ["| Dataset | Model − reference | PPL | Seeds | Per-seed differences | Mean ± std | Lower in |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['model']} − {r['reference']} | {r['metric'][6:-4]} | "
+                     f"{', '.join(map(str, r['seeds']))} | {', '.join(f'{d:+.2f}' for d in r['differences'])} | "
+                     f"{r['mean']:+.2f} ± {r['std']:.2f} | {r['lower_in']} of {len(r['seeds'])} |")
+    return "\n".join(lines + ["", "Per seed: the model's final PPL minus the reference's at the same seed (same "
+                                   "initialisation seed and data order). Negative: the model is better. Mean ± "
+                                   "sample standard deviation over the seeds."]) + "\n"
 
 
 # ---------------------------------------------------------------------------------------
@@ -389,15 +447,17 @@ def write_report(run_dirs: list[str], explicit: set[str], out_dir: Path) -> int:
         print(f"learning-rate sweep of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
         return 0
     write_results(records, out_dir)
-    print_tables(out_dir, ("table1.md", "table3.md", "recall.md"))
+    print_tables(out_dir, ("table1.md", "table3.md", "recall.md", "paired.md"))
     print(f"report of {len(records)} records from {len(run_dirs)} runs: {out_dir}")
     return 0
 
 
 def combined_records(run_dirs: list[Path], free: set = REPORT_FREE_KEYS) -> list[dict]:
     """Every record of every run, refusing a (dataset, model, seed) given twice and runs of one
-    dataset whose settings differ outside ``free`` (those would not belong in one table). In a
-    learning-rate sweep ``free`` holds "lr", and a record is (dataset, model, seed, lr)."""
+    dataset whose settings differ outside ``free`` (those would not belong in one table). The
+    learning rate may differ between models (each at its own tuned lr) but not between the seeds
+    of one model. In a learning-rate sweep ``free`` holds "lr", and a record is (dataset, model,
+    seed, lr)."""
     records, source, first = [], {}, {}
     for run_dir in run_dirs:
         for r in run_records(run_dir):
@@ -406,14 +466,21 @@ def combined_records(run_dirs: list[Path], free: set = REPORT_FREE_KEYS) -> list
                 raise UsageError(f"--report: {'/'.join(map(str, key))} is in both {source[key]} and {run_dir}; "
                                  "give each run once")
             source[key] = run_dir
-            ref_dir, ref = first.setdefault(r["dataset"], (run_dir, r))
-            a, b = ({**OLDER_CONFIG_DEFAULTS, **x["config"]} for x in (ref, r))
-            for k in sorted((set(a) & set(b)) - free):
-                if a[k] != b[k]:
-                    raise UsageError(f"--report: {r['dataset']} runs differ in {k} ({ref_dir}: {a[k]}, "
-                                     f"{run_dir}: {b[k]}); report them separately")
+            check_same_settings(first.setdefault(r["dataset"], (run_dir, r)), (run_dir, r), free | {"lr"})
+            check_same_settings(first.setdefault(key[:2], (run_dir, r)), (run_dir, r), free)
             records.append(r)
     return records
+
+
+def check_same_settings(ref: tuple, new: tuple, free: set) -> None:
+    """Two (run folder, record) pairs whose configs agree outside ``free``, or a UsageError."""
+    (ref_dir, ref_record), (run_dir, record) = ref, new
+    a, b = ({**OLDER_CONFIG_DEFAULTS, **x["config"]} for x in (ref_record, record))
+    for k in sorted((set(a) & set(b)) - free):
+        if a[k] != b[k]:
+            who = record["dataset"] if ref_record["model"] != record["model"] else f"{record['dataset']}/{record['model']}"
+            raise UsageError(f"--report: {who} runs differ in {k} ({ref_dir}: {a[k]}, {run_dir}: {b[k]}); "
+                             "report them separately")
 
 
 def run_records(run_dir: Path) -> list[dict]:
@@ -466,6 +533,7 @@ def write_results(records: list[dict], out_dir: Path) -> None:
     if any(r["epochs"] for r in language):
         plot_context(language, out_dir / "context.png")
     for name, text in (("context.md", context_markdown(language)), ("recall.md", recall_markdown(records)),
+                       ("paired.md", paired_markdown(records)),
                        ("samples.md", samples_markdown(records))):
         if text:
             atomic_write_text(out_dir / name, text)

@@ -1,10 +1,12 @@
 """benchmark.py --report: the tables of several finished runs, written together."""
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
 import benchmark
+import config
 import report
 from test_benchmark import tiny_args
 
@@ -110,3 +112,43 @@ def test_lr_sweep_counts_a_diverged_larger_lr_as_bracketing_the_best():
     assert "| 0.01 | diverged | — | — |" in text
     assert "**0.003**" in text and "**0.001**" not in text
     assert "No learning rate finished" in report.lr_sweep_markdown([_sweep_record(1e-2, status="diverged")])
+
+
+def _write_run(folder, records):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(records))
+    return folder
+
+
+def test_report_lets_models_differ_in_lr_but_not_the_seeds_of_one_model(two_runs, tmp_path):
+    """Each model at its own learning rate is one table (with an LR column); two seeds of one
+    model at different learning rates are not."""
+    gam = json.loads((two_runs / "gam" / "results.json").read_text())[0]
+    tr = json.loads((two_runs / "transformer" / "results.json").read_text())[0]
+    tuned_tr = {**tr, "config": {**tr["config"], "lr": tr["config"]["lr"] * 3}}
+    records = report.combined_records([_write_run(tmp_path / "g", [gam]), _write_run(tmp_path / "t", [tuned_tr])])
+    table = report.table1_markdown(records)
+    assert "| LR |" in table and f"| {tuned_tr['config']['lr']:g} |" in table and report.LR_NOTE in table
+    assert "| LR |" not in report.table1_markdown([gam, tr])  # one shared lr: no column
+    other_seed = {**tuned_tr, "seed": 99, "config": {**tuned_tr["config"], "lr": tr["config"]["lr"]}}
+    with pytest.raises(config.UsageError, match="/transformer runs differ in lr"):
+        report.combined_records([_write_run(tmp_path / "t2", [tuned_tr]), _write_run(tmp_path / "t3", [other_seed])])
+
+
+def test_paired_differences_are_per_seed_model_minus_reference():
+    def rec(model, seed, ppl, dataset="wikitext2"):
+        return {"dataset": dataset, "model": model, "seed": seed, "status": "done", "final_test_ppl": ppl}
+    records = [rec("transformer", 1, 400.0), rec("transformer", 2, 410.0), rec("transformer", 3, 390.0),
+               rec("gam", 1, 380.0), rec("gam", 2, 415.0), rec("gam", 3, 370.0),
+               rec("gam-local-only", 1, 385.0), rec("gam-local-only", 2, 420.0),
+               rec("mamba", 1, 300.0)]  # one seed: no pair statistics
+    rows = {r["model"]: r for r in report.paired_differences(records, "final_test_ppl")}
+    assert set(rows) == {"gam", "gam-local-only"}
+    g = rows["gam"]
+    assert g["reference"] == "transformer" and g["seeds"] == [1, 2, 3] and g["differences"] == [-20.0, 5.0, -20.0]
+    assert g["mean"] == pytest.approx(-35 / 3) and g["std"] == pytest.approx(statistics.stdev([-20.0, 5.0, -20.0]))
+    assert g["lower_in"] == 2
+    local = rows["gam-local-only"]
+    assert local["reference"] == "gam" and local["differences"] == [5.0, 5.0] and local["lower_in"] == 0
+    text = report.paired_markdown(records)
+    assert "| wikitext2 | gam − transformer | test | 1, 2, 3 | -20.00, +5.00, -20.00 | -11.67 ± 14.43 | 2 of 3 |" in text

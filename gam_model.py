@@ -672,15 +672,19 @@ class CausalLM(nn.Module):
             targets = self._check_targets(targets, idx)
         if self.check_inputs:
             self._check_values(idx, targets)
-        logits = self._logits(idx)                                           # (B, T, V)
+        logits = self.logits(idx)                                            # (B, T, V)
         loss = None
         if targets is not None:
             B, T = idx.shape
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
-    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) long ids, already checked -> (B, T, VOCAB_SIZE) logits."""
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """The logits of every position: (B, T) long ids -> (B, T, VOCAB_SIZE).
+
+        ``forward`` without its input checks and loss: idx must be long ids in
+        [0, VOCAB_SIZE) with T <= BLOCK_SIZE (forward checks them; this does not).
+        """
         return self.head(self._hidden(idx))                                  # (B, T, V)
 
     def _hidden(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -710,10 +714,18 @@ class CausalLM(nn.Module):
         override this."""
         return block.step(x, state)
 
-    def _stream(self, ids: torch.Tensor, start: int, states: list) -> tuple[torch.Tensor, list]:
-        """The next tokens ids (B, T') at positions start.. -> (last logits (B, V), new states)."""
-        pos = torch.arange(start, start + ids.shape[1], dtype=torch.long, device=ids.device)
-        x = self.dropout(self.token_embedding(ids) + self.pos_embedding(pos))  # (B, T', C)
+    def stream(self, idx: torch.Tensor, start: int, states: list) -> tuple[torch.Tensor, list]:
+        """The next tokens of a sequence, given the decoding states of the ones before them.
+
+        idx: (B, T') long ids at positions ``start .. start + T' - 1`` (start + T' <= BLOCK_SIZE;
+        not checked, as ``logits``). states: one decoding state per block, from the previous
+        call, or ``[None] * len(self.blocks)`` at the start (then start = 0). Returns ``(logits
+        (B, VOCAB_SIZE) of the last of these positions, the states after them)``: the logits
+        ``logits`` gives on the whole sequence there. Every block needs a decoding step (all
+        blocks here have one); ``generate`` with ``use_cache`` decodes through this.
+        """
+        pos = torch.arange(start, start + idx.shape[1], dtype=torch.long, device=idx.device)  # (T',)
+        x = self.dropout(self.token_embedding(idx) + self.pos_embedding(pos))  # (B, T', C)
         new_states = []
         for block, state in zip(self.blocks, states):
             x, state = self._block_step(block, x, state)
@@ -757,18 +769,18 @@ class CausalLM(nn.Module):
         if self.check_inputs:
             self._check_values(idx, None)  # the whole prompt, not only the cropped window
         block_size = self.config.BLOCK_SIZE
-        stream = self.use_cache and self._can_stream()
+        streaming = self.use_cache and self._can_stream()
         states = None
         for _ in range(int(max_new_tokens)):
             length = idx.shape[1]
-            if not stream:                                                   # the reference
+            if not streaming:                                                # the reference
                 context = idx[:, -block_size:]                               # (B, <=BLOCK_SIZE)
-                logits = self._logits(context)[:, -1, :]                     # (B, V)
+                logits = self.logits(context)[:, -1, :]                      # (B, V)
             elif length <= block_size:
                 if states is None:                                           # the prompt, once
-                    logits, states = self._stream(idx, 0, [None] * len(self.blocks))
+                    logits, states = self.stream(idx, 0, [None] * len(self.blocks))
                 else:                                                        # the newest token
-                    logits, states = self._stream(idx[:, -1:], length - 1, states)
+                    logits, states = self.stream(idx[:, -1:], length - 1, states)
             else:                   # cropped window: its last n tokens sit at BLOCK_SIZE-n..
                 n = min(self._reencode_len, block_size)
                 logits = self.head(self._hidden(idx[:, -n:], start=block_size - n)[:, -1])

@@ -223,7 +223,8 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-# Not transformers' MambaMixer: (5.24) it calls mamba_ssm's CUDA kernels whenever they import, even on CPU tensors.
+# Not transformers' MambaMixer: in transformers 5.24 it calls mamba_ssm's CUDA kernels whenever
+# mamba_ssm imports, without looking at the tensors' device, so it fails on CPU tensors there.
 class TorchMamba(nn.Module):
     """The Mamba mixer in plain PyTorch, a drop-in for ``mamba_ssm.Mamba``: (B, L, C) -> (B, L, C).
 

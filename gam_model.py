@@ -285,8 +285,8 @@ class _GAMBlockFunction(torch.autograd.Function):
     (1), the FFN pre-activation (4) and the dropout mask (bool, 1/4): 10.25 for the full
     block. Recomputed in backward, all elementwise: ln1(x) and ln2(x1), the convolution
     (k multiply-adds) and GELU(a), so no extra matmul. Recomputing the scores and their
-    softmax too would save one more unit for one more (B*T, C) x (C, S) matmul; an earlier
-    version that did (with a less fused backward) measured 1.05x the author's block time.
+    softmax too would save one more unit, at the cost of one more (B*T, C) x (C, S) matmul in
+    backward.
 
     Autocast: the forward disables autocast and applies its policy by hand (``cast``:
     matmuls and the convolution in that dtype, layer norms and the softmax in float32),

@@ -49,7 +49,7 @@ def mamba_ssm_shapes(d_model, d_state=16, d_conv=4, expand=3):
 
 
 # ----------------------------------------------------------------------------------------
-# Exact parameter counts (SPEC section 2)
+# Exact parameter counts at the paper's configuration (ModelConfig())
 # ----------------------------------------------------------------------------------------
 
 def test_transformer_param_count_exact():

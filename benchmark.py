@@ -45,6 +45,7 @@ import torch
 import distributed
 from baselines import MAMBA_IMPLS
 from gam_model import ModelConfig
+from pretrained import save_pretrained
 from reporting import (PAPER_ROWS, OneLineParser, atomic_torch_save, atomic_write_json, atomic_write_text,
                        context_markdown, device_description, lr_sweep_markdown, plot_context, plot_curves,
                        plot_lr_sweep, recall_markdown,
@@ -1245,7 +1246,7 @@ def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record:
     tokenizer = run_tokenizer(cfg, dataset, info)
     folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
     try:
-        model.save_pretrained(folder, extra_files={"tokenizer.json": tokenizer.to_str()} if tokenizer else None)
+        save_pretrained(model, folder, extra_files={"tokenizer.json": tokenizer.to_str()} if tokenizer else None)
     except ValueError as e:  # a folder there that holds something else: never overwritten
         raise RunError(f"cannot export {dataset}/{model_name}: {e}") from None
     record["export"] = str(folder.relative_to(cfg["out_dir"]))

@@ -29,6 +29,9 @@ past it the crop shifts every absolute position, so both re-encode the cropped w
 the Transformer a KV cache (``TransformerBlock.step``); Mamba its conv and SSM states
 through mamba_ssm's own API (``allocate_inference_cache`` / ``step``), which ``TorchMamba``
 implements too, so the official mixer decodes with its own step on CUDA.
+
+``FAMILIES`` is the table of the model families (name -> class: GAM_Model, TransformerLM,
+MambaLM); ``build_lm(name, config, ...)`` builds one by name.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ except ImportError:
 __all__ = [
     "ATTENTION_IMPLS",
     "MAMBA_IMPLS",
+    "FAMILIES",
     "MODEL_NAMES",
     "BLOCK_NAMES",
     "CausalSelfAttention",
@@ -63,13 +67,13 @@ __all__ = [
     "MambaResidualBlock",
     "MambaLM",
     "build_mamba_mixer",
+    "mixer_implementation",
     "build_lm",
     "build_block",
 ]
 
 ATTENTION_IMPLS = ("naive", "sdpa")
 MAMBA_IMPLS = ("auto", "mamba_ssm", "torch")
-MODEL_NAMES = ("gam", "transformer", "mamba")
 BLOCK_NAMES = ("gam", "transformer", "transformer-sdpa", "mamba")
 
 
@@ -197,19 +201,18 @@ class TransformerLM(CausalLM):
     >>> logits, loss = model(idx, targets=idx)   # idx: (B, T) long, T <= BLOCK_SIZE
     """
 
-    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive"):
-        # Plain attributes first: CausalLM.__init__ calls _build_block.
-        self.n_head = n_head
-        self.attention = attention
-        self.implementation = f"transformer-{attention}"
-        super().__init__(config)
-
     family = "transformer"
 
-    def _build_block(self, config: ModelConfig) -> nn.Module:
-        return TransformerBlock(config, n_head=self.n_head, attention=self.attention)
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive"):
+        super().__init__(config, lambda: TransformerBlock(config, n_head=n_head, attention=attention))
+        self.n_head = n_head
+        self.attention = attention
 
-    def _family_config(self) -> dict:
+    @property
+    def implementation(self) -> str:
+        return f"transformer-{self.attention}"  # "transformer-naive" or "transformer-sdpa"
+
+    def family_config(self) -> dict:
         return {"n_head": self.n_head, "attention": self.attention}
 
 
@@ -223,7 +226,8 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-# Not transformers' MambaMixer: (5.24) it calls mamba_ssm's CUDA kernels whenever they import, even on CPU tensors.
+# Not transformers' MambaMixer: in transformers 5.24 it calls mamba_ssm's CUDA kernels whenever
+# mamba_ssm imports, without looking at the tensors' device, so it fails on CPU tensors there.
 class TorchMamba(nn.Module):
     """The Mamba mixer in plain PyTorch, a drop-in for ``mamba_ssm.Mamba``: (B, L, C) -> (B, L, C).
 
@@ -342,8 +346,15 @@ def build_mamba_mixer(
     if impl == "mamba_ssm" and dev.type != "cuda":
         raise ValueError(f"impl='mamba_ssm' runs on CUDA only, got device {str(dev)!r}; use impl='torch'")
     if impl != "torch" and Mamba is not None and dev.type == "cuda":
-        return Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev), "mamba_ssm"
-    return TorchMamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev), "mamba-torch-pscan"
+        mixer = Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev)
+    else:
+        mixer = TorchMamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand, device=dev)
+    return mixer, mixer_implementation(mixer)
+
+
+def mixer_implementation(mixer: nn.Module) -> str:
+    """``"mamba-torch-pscan"`` for a TorchMamba, ``"mamba_ssm"`` for the official mixer."""
+    return "mamba-torch-pscan" if isinstance(mixer, TorchMamba) else "mamba_ssm"
 
 
 class MambaResidualBlock(nn.Module):
@@ -372,6 +383,8 @@ class MambaLM(CausalLM):
     ``self.implementation`` records the mixer implementation used.
     """
 
+    family = "mamba"
+
     def __init__(
         self,
         config: ModelConfig,
@@ -382,43 +395,40 @@ class MambaLM(CausalLM):
         impl: str = "auto",
         device=None,
     ):
-        # Plain attributes first: CausalLM.__init__ calls _build_block.
-        self.d_state, self.d_conv, self.expand = d_state, d_conv, expand
-        self.residual = bool(residual)
-        self.impl = impl
-        self._device = device
-        self.implementation = None  # set by _build_block
-        super().__init__(config)
-        del self._device
+        residual = bool(residual)
+
+        def make_block() -> nn.Module:
+            mixer, _ = build_mamba_mixer(config.N_EMBED, d_state, d_conv, expand, impl=impl, device=device)
+            return MambaResidualBlock(config.N_EMBED, mixer) if residual else mixer
+
+        super().__init__(config, make_block)
+        self.d_state, self.d_conv, self.expand, self.residual, self.impl = d_state, d_conv, expand, residual, impl
         if device is not None:
             self.to(device)
 
-    family = "mamba"
+    @property
+    def implementation(self) -> str:
+        """The mixers' implementation (``impl="auto"`` chooses by device): ``"mamba_ssm"`` or
+        ``"mamba-torch-pscan"``."""
+        return mixer_implementation(self._mixer(self.blocks[0]))
 
-    def _family_config(self) -> dict:
+    def family_config(self) -> dict:
         # Not impl: mamba_ssm and TorchMamba hold the same state_dict; the device decides.
         return {"d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand, "residual": self.residual}
 
-    @classmethod
-    def _build_for_load(cls, config: ModelConfig, kwargs: dict, device) -> "MambaLM":
-        return cls(config, **{"device": device, **kwargs})  # impl="auto" picks the mixer for the device
-
-    def _build_block(self, config: ModelConfig) -> nn.Module:
-        mixer, name = build_mamba_mixer(
-            config.N_EMBED, self.d_state, self.d_conv, self.expand, impl=self.impl, device=self._device
-        )
-        self.implementation = name
-        return MambaResidualBlock(config.N_EMBED, mixer) if self.residual else mixer
+    @staticmethod
+    def _mixer(block: nn.Module) -> nn.Module:
+        return block.mixer if isinstance(block, MambaResidualBlock) else block
 
     def _can_stream(self) -> bool:
-        mixers = [b.mixer if isinstance(b, MambaResidualBlock) else b for b in self.blocks]
+        mixers = [self._mixer(b) for b in self.blocks]
         return all(hasattr(m, "step") and hasattr(m, "allocate_inference_cache") for m in mixers)
 
     def _block_step(self, block: nn.Module, x: torch.Tensor, state):
         """Decoding through mamba_ssm's API (``allocate_inference_cache`` / ``step``, one token at
         a time), which TorchMamba implements too, so both mixers decode the same way; on CUDA
         with mamba_ssm this is its own step (its fused update kernels when installed)."""
-        mixer = block.mixer if isinstance(block, MambaResidualBlock) else block
+        mixer = self._mixer(block)
         inp = block.norm(x) if isinstance(block, MambaResidualBlock) else x
         if state is None:
             state = mixer.allocate_inference_cache(x.shape[0], self.config.BLOCK_SIZE, dtype=inp.dtype)
@@ -432,8 +442,14 @@ class MambaLM(CausalLM):
 
 
 # ----------------------------------------------------------------------------------------
-# Factories (benchmark.py, scale.py)
+# The model families, and factories (benchmark.py, scale.py)
 # ----------------------------------------------------------------------------------------
+
+# The one table of the model families: family name -> class. build_lm takes these names, and
+# pretrained.py finds the class of a saved model's config.json "family" here.
+FAMILIES: dict[str, type[CausalLM]] = {cls.family: cls for cls in (GAM_Model, TransformerLM, MambaLM)}
+MODEL_NAMES = tuple(FAMILIES)  # ("gam", "transformer", "mamba")
+
 
 def build_lm(
     name: str,
@@ -457,16 +473,14 @@ def build_lm(
     ``"gam"``, ``"transformer-naive"``, ``"transformer-sdpa"``, ``"mamba_ssm"``,
     ``"mamba-torch-pscan"``.
     """
-    if name == "gam":
-        model = GAM_Model(config)
-        model.implementation = "gam"
-    elif name == "transformer":
-        model = TransformerLM(config, n_head=n_head, attention=attention)
-    elif name == "mamba":
-        model = MambaLM(config, d_state=d_state, d_conv=d_conv, expand=expand,
-                        residual=mamba_residual, impl=mamba_impl, device=device)
-    else:
+    if name not in FAMILIES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
+    options = {  # the constructor arguments of the families that take any
+        "transformer": dict(n_head=n_head, attention=attention),
+        "mamba": dict(d_state=d_state, d_conv=d_conv, expand=expand, residual=mamba_residual,
+                      impl=mamba_impl, device=device),
+    }
+    model = FAMILIES[name](config, **options.get(name, {}))
     if device is not None:
         model.to(device)
     return model

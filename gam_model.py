@@ -32,21 +32,18 @@ half the activations of ``"reference"``, the equations written as plain modules 
 keeps its manual attention beside the fused one). ``generate`` streams (``model.use_cache``,
 default True): each block family hands the LM frame its decoding state (GAM: the last k-1
 normalised inputs per layer), so a new token costs one position, not the whole context.
-``model.save_pretrained(folder)`` / ``CausalLM.from_pretrained(folder)`` write and read a trained
-model as ``config.json`` + ``model.safetensors`` (the ``safetensors`` package, imported there).
+
+``CausalLM`` is the LM frame the baselines (``baselines.py``) share; ``pretrained.py`` saves
+and loads a trained model of any family (``config.json`` + ``model.safetensors``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
-from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -285,8 +282,8 @@ class _GAMBlockFunction(torch.autograd.Function):
     (1), the FFN pre-activation (4) and the dropout mask (bool, 1/4): 10.25 for the full
     block. Recomputed in backward, all elementwise: ln1(x) and ln2(x1), the convolution
     (k multiply-adds) and GELU(a), so no extra matmul. Recomputing the scores and their
-    softmax too would save one more unit for one more (B*T, C) x (C, S) matmul; an earlier
-    version that did (with a less fused backward) measured 1.05x the author's block time.
+    softmax too would save one more unit, at the cost of one more (B*T, C) x (C, S) matmul in
+    backward.
 
     Autocast: the forward disables autocast and applies its policy by hand (``cast``:
     matmuls and the convolution in that dtype, layer norms and the softmax in float32),
@@ -466,21 +463,32 @@ def _no_autocast(x: torch.Tensor):
 
 
 class CausalLM(nn.Module):
-    """The language-model frame shared by GAM and the baselines of ``benchmark.py``.
+    """The language-model frame shared by GAM and the baselines of ``baselines.py``.
 
     token embedding + learned absolute position embedding -> dropout -> blocks
     -> final LayerNorm -> bias-free head tied to the token embedding.
-    Subclasses implement ``_build_block(config)``.
+
+    A model family subclasses it, passes ``make_block`` (called once per layer) and
+    defines two names: ``family``, the family's key in ``baselines.FAMILIES`` and in a
+    saved model's config.json, and ``implementation``, the name of the code that
+    computes it (recorded beside every result). ``family_config()`` returns the
+    constructor arguments beyond ModelConfig that change the function.
     """
 
-    def __init__(self, config: ModelConfig):
+    family: str          # "gam": defined by each family (a class attribute or a property)
+    implementation: str  # "gam", "transformer-naive", ...: likewise
+
+    def __init__(self, config: ModelConfig, make_block: Callable[[], nn.Module]):
         super().__init__()
         self.config = config
         C = config.N_EMBED
+        # The creation order is the order in which the parameters draw from the RNG (the
+        # blocks between the embeddings and the final norm, as in the author's code): keep it,
+        # or a seed gives other weights.
         self.token_embedding = nn.Embedding(config.VOCAB_SIZE, C)
         self.pos_embedding = nn.Embedding(config.BLOCK_SIZE, C)
         self.dropout = nn.Dropout(config.DROPOUT)
-        self.blocks = nn.ModuleList([self._build_block(config) for _ in range(config.N_LAYER)])
+        self.blocks = nn.ModuleList([make_block() for _ in range(config.N_LAYER)])
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.VOCAB_SIZE, bias=False)
         # Tied as in the reference: the shared tensor keeps the head's (Linear) init.
@@ -491,94 +499,10 @@ class CausalLM(nn.Module):
         # cropped context for every new token (the reference). A plain attribute, as above.
         self.use_cache = True
 
-    def _build_block(self, config: ModelConfig) -> nn.Module:
-        raise NotImplementedError
-
-    # -- saved models: config.json + model.safetensors -----------------------------------
-
-    family: str | None = None  # "gam", "transformer", "mamba": the key of config.json's "family"
-
-    def _family_config(self) -> dict:
-        """The constructor arguments beyond ModelConfig that change the function (config.json)."""
+    def family_config(self) -> dict:
+        """The constructor arguments beyond ModelConfig that change the function (a saved
+        model's config.json keeps them); none here."""
         return {}
-
-    @classmethod
-    def _build_for_load(cls, config: ModelConfig, kwargs: dict, device) -> "CausalLM":
-        """The model from_pretrained fills; families whose build depends on the device override."""
-        return cls(config, **kwargs)
-
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict | None = None) -> None:
-        """Write the model to the folder ``path``: ``config.json`` (format, family, ModelConfig,
-        the family's own arguments) and ``model.safetensors`` (the weights; the tied embedding
-        and head stored once, as ``head.weight``), loadable by ``from_pretrained``.
-
-        ``extra_files`` ({name: str or bytes}, e.g. ``{"tokenizer.json": tok.to_str()}``) are
-        written beside them. Atomic: everything is written into a fresh temporary folder
-        beside ``path``, which then takes its place, so a reader (or a crash) never sees a
-        half-written model. ``path`` may be new, an empty folder or a folder saved here
-        before (replaced; files of it that this call does not write, such as a tokenizer,
-        are kept); any other non-empty folder is refused (ValueError), never overwritten.
-        Needs the ``safetensors`` package.
-        """
-        save_file = _safetensors("save_file")
-        _check_extra_files(extra_files)
-        if self.family is None:
-            raise ValueError(f"{type(self).__name__} has no family: subclass GAM_Model, TransformerLM or MambaLM")
-        if self.token_embedding.weight is not self.head.weight:
-            raise ValueError("the token embedding and the head are no longer tied (one tensor); "
-                             "re-tie them (model.token_embedding.weight = model.head.weight) before saving")
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != _TIED_KEY}
-        config = {"format": PRETRAINED_FORMAT, "family": self.family, "model_config": self.config.to_dict(),
-                  "family_config": self._family_config(), "dtype": str(self.head.weight.dtype).split(".")[-1],
-                  "tied_weights": {_TIED_KEY: "head.weight"}}
-
-        def write(folder: Path) -> None:
-            save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-            (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            for name, data in (extra_files or {}).items():
-                (folder / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-
-        _replace_folder(Path(path), write)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, **kwargs) -> "CausalLM":
-        """The model saved in folder ``path`` by ``save_pretrained``, on ``device`` (default CPU).
-
-        ``CausalLM.from_pretrained`` returns the saved family's class (GAM_Model, TransformerLM
-        or MambaLM); a family class loads only its own family (ValueError naming the right
-        class otherwise). ``kwargs`` go to the constructor for what is not part of the saved
-        function, e.g. ``block_impl="reference"`` (GAM), ``attention="sdpa"`` (Transformer),
-        ``impl="torch"`` (Mamba). Returned in eval mode (dropout off; ``.train()`` to fine-tune).
-        The weights keep their saved dtype; a file whose tensors do
-        not match the config (missing, unexpected, other shapes) is a ValueError. Builds the
-        model (random init, with torch's global RNG state restored afterwards), then loads.
-        """
-        load_file = _safetensors("load_file")
-        folder = Path(path)
-        saved = _read_pretrained_config(folder)
-        target = _family_class(saved["family"], folder)
-        if cls is not CausalLM and not issubclass(cls, target):
-            raise ValueError(f"{folder} holds a {saved['family']} model, not a {cls.__name__}; load it "
-                             f"with {target.__name__}.from_pretrained or CausalLM.from_pretrained")
-        target = target if cls is CausalLM else cls
-        config = ModelConfig(**saved["model_config"])
-        device = torch.device("cpu") if device is None else torch.device(device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            model = target._build_for_load(config, {**saved["family_config"], **kwargs}, device)
-        try:
-            tensors = load_file(folder / WEIGHTS_NAME)
-        except Exception as e:  # missing, truncated or not a safetensors file
-            raise ValueError(f"{folder / WEIGHTS_NAME} is unreadable ({' '.join(str(e).split())}); "
-                             "save the model again with save_pretrained") from None
-        _check_tensor_names(model, tensors, folder)
-        tensors[_TIED_KEY] = tensors["head.weight"]
-        model.to(device=device, dtype=getattr(torch, saved["dtype"]))
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as e:  # shapes that do not fit config.json
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit {folder / CONFIG_NAME} "
-                             f"({' '.join(str(e).split())[:300]}); save the model again with save_pretrained") from None
-        return model.eval()  # as Hugging Face's: ready to use; .train() to fine-tune
 
     def num_params(self) -> int:
         """Number of distinct parameters (the tied embedding/head counted once)."""
@@ -672,15 +596,19 @@ class CausalLM(nn.Module):
             targets = self._check_targets(targets, idx)
         if self.check_inputs:
             self._check_values(idx, targets)
-        logits = self._logits(idx)                                           # (B, T, V)
+        logits = self.logits(idx)                                            # (B, T, V)
         loss = None
         if targets is not None:
             B, T = idx.shape
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T))
         return logits, loss
 
-    def _logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) long ids, already checked -> (B, T, VOCAB_SIZE) logits."""
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """The logits of every position: (B, T) long ids -> (B, T, VOCAB_SIZE).
+
+        ``forward`` without its input checks and loss: idx must be long ids in
+        [0, VOCAB_SIZE) with T <= BLOCK_SIZE (forward checks them; this does not).
+        """
         return self.head(self._hidden(idx))                                  # (B, T, V)
 
     def _hidden(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -710,10 +638,18 @@ class CausalLM(nn.Module):
         override this."""
         return block.step(x, state)
 
-    def _stream(self, ids: torch.Tensor, start: int, states: list) -> tuple[torch.Tensor, list]:
-        """The next tokens ids (B, T') at positions start.. -> (last logits (B, V), new states)."""
-        pos = torch.arange(start, start + ids.shape[1], dtype=torch.long, device=ids.device)
-        x = self.dropout(self.token_embedding(ids) + self.pos_embedding(pos))  # (B, T', C)
+    def stream(self, idx: torch.Tensor, start: int, states: list) -> tuple[torch.Tensor, list]:
+        """The next tokens of a sequence, given the decoding states of the ones before them.
+
+        idx: (B, T') long ids at positions ``start .. start + T' - 1`` (start + T' <= BLOCK_SIZE;
+        not checked, as ``logits``). states: one decoding state per block, from the previous
+        call, or ``[None] * len(self.blocks)`` at the start (then start = 0). Returns ``(logits
+        (B, VOCAB_SIZE) of the last of these positions, the states after them)``: the logits
+        ``logits`` gives on the whole sequence there. Every block needs a decoding step (all
+        blocks here have one); ``generate`` with ``use_cache`` decodes through this.
+        """
+        pos = torch.arange(start, start + idx.shape[1], dtype=torch.long, device=idx.device)  # (T',)
+        x = self.dropout(self.token_embedding(idx) + self.pos_embedding(pos))  # (B, T', C)
         new_states = []
         for block, state in zip(self.blocks, states):
             x, state = self._block_step(block, x, state)
@@ -757,148 +693,24 @@ class CausalLM(nn.Module):
         if self.check_inputs:
             self._check_values(idx, None)  # the whole prompt, not only the cropped window
         block_size = self.config.BLOCK_SIZE
-        stream = self.use_cache and self._can_stream()
+        streaming = self.use_cache and self._can_stream()
         states = None
         for _ in range(int(max_new_tokens)):
             length = idx.shape[1]
-            if not stream:                                                   # the reference
+            if not streaming:                                                # the reference
                 context = idx[:, -block_size:]                               # (B, <=BLOCK_SIZE)
-                logits = self._logits(context)[:, -1, :]                     # (B, V)
+                logits = self.logits(context)[:, -1, :]                      # (B, V)
             elif length <= block_size:
                 if states is None:                                           # the prompt, once
-                    logits, states = self._stream(idx, 0, [None] * len(self.blocks))
+                    logits, states = self.stream(idx, 0, [None] * len(self.blocks))
                 else:                                                        # the newest token
-                    logits, states = self._stream(idx[:, -1:], length - 1, states)
+                    logits, states = self.stream(idx[:, -1:], length - 1, states)
             else:                   # cropped window: its last n tokens sit at BLOCK_SIZE-n..
                 n = min(self._reencode_len, block_size)
                 logits = self.head(self._hidden(idx[:, -n:], start=block_size - n)[:, -1])
             next_id = _sample(logits, temperature, top_k, generator)         # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
         return idx
-
-
-# ---------------------------------------------------------------------------------------
-# Saved models (CausalLM.save_pretrained / from_pretrained)
-
-PRETRAINED_FORMAT = "gam-reproduction-causal-lm-v1"
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-_TIED_KEY = "token_embedding.weight"  # the tied copy of head.weight: not stored
-_FAMILY_CLASSES = {"gam": "GAM_Model", "transformer": "TransformerLM", "mamba": "MambaLM"}
-
-
-def _safetensors(name: str):
-    """safetensors.torch.<name>, imported here so that gam_model.py needs only torch."""
-    try:
-        import safetensors.torch as st
-    except ImportError:
-        raise ImportError("save_pretrained / from_pretrained need the safetensors package: "
-                          "pip install safetensors") from None
-    return getattr(st, name)
-
-
-def _family_class(family, folder: Path) -> type:
-    if family not in _FAMILY_CLASSES:
-        raise ValueError(f"{folder / CONFIG_NAME}: unknown model family {family!r} "
-                         f"(known: {', '.join(_FAMILY_CLASSES)})")
-    if family == "gam":
-        return GAM_Model
-    import baselines  # here, not at the top: baselines imports this module
-
-    return getattr(baselines, _FAMILY_CLASSES[family])
-
-
-def _read_pretrained_config(folder: Path) -> dict:
-    path = folder / CONFIG_NAME
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is missing or unreadable ({' '.join(str(e).split())}): {folder} is not a "
-                         "folder written by save_pretrained (or benchmark.py's models/)") from None
-    keys = ("format", "family", "model_config", "family_config", "dtype")
-    if not (isinstance(saved, dict) and saved.get("format") == PRETRAINED_FORMAT and all(k in saved for k in keys)
-            and isinstance(saved["model_config"], dict) and isinstance(saved["family_config"], dict)):
-        raise ValueError(f"{path} is not a saved-model config (format {PRETRAINED_FORMAT!r} with "
-                         f"{', '.join(keys)}); save the model with save_pretrained")
-    if not isinstance(getattr(torch, str(saved["dtype"]), None), torch.dtype):
-        raise ValueError(f"{path}: unknown dtype {saved['dtype']!r}; save the model again with save_pretrained")
-    unknown = set(saved["model_config"]) - {f.name for f in fields(ModelConfig)}
-    if unknown:
-        raise ValueError(f"{path}: unknown ModelConfig fields {sorted(unknown)}; save the model again")
-    return saved
-
-
-def _check_tensor_names(model: nn.Module, tensors: dict, folder: Path) -> None:
-    expected = set(model.state_dict()) - {_TIED_KEY}
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        what = "; ".join(([f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")]
-                          if missing else []) + ([f"unexpected {', '.join(unexpected[:5])}"
-                                                 + (" ..." if len(unexpected) > 5 else "")] if unexpected else []))
-        raise ValueError(f"{folder / WEIGHTS_NAME} does not hold the tensors of the model in "
-                         f"{folder / CONFIG_NAME} ({what}); save the model again with save_pretrained")
-
-
-def _is_saved_model(folder: Path) -> bool:
-    try:
-        return json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("format") == PRETRAINED_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_extra_files(extra_files: dict | None) -> None:
-    """Extra files are plain names inside the model folder (no path, not the model's own
-    files) with str or bytes contents: anything else is refused before anything is written."""
-    for name, data in (extra_files or {}).items():
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise ValueError(f"extra_files name {name!r} is not a plain file name; give a name such as "
-                             "'tokenizer.json' (no folders, no absolute path)")
-        if name in (CONFIG_NAME, WEIGHTS_NAME):
-            raise ValueError(f"extra_files name {name!r} is the model's own file; save_pretrained writes it")
-        if not isinstance(data, (str, bytes)):
-            raise ValueError(f"extra_files[{name!r}] is a {type(data).__name__}; give str or bytes")
-
-
-def _replace_folder(path: Path, write) -> None:
-    """Fill a fresh temporary folder beside ``path`` with ``write(folder)``, then put it in
-    the place of ``path`` by renames: readers see the old folder or the new, whole one."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file; save into a new or empty folder")
-    old = path.is_dir() and any(path.iterdir())
-    if old and not _is_saved_model(path):
-        raise ValueError(f"{path} is a non-empty folder that holds no saved model; "
-                         "save into a new or empty folder (nothing was written)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-        for written in tmp.iterdir():  # a saved model is meant to be shared (mkdtemp makes 0700, safetensors 0600)
-            os.chmod(written, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
-        for entry in path.iterdir() if old else []:  # what this save does not write is kept
-            if not (tmp / entry.name).exists():
-                copy = shutil.copytree if entry.is_dir() else shutil.copy2
-                copy(entry, tmp / entry.name)
-        if path.is_dir():
-            trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, trash / "old")
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(trash / "old", path)  # the old model back in its place
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_sampling_args(max_new_tokens, temperature, top_k) -> None:
@@ -941,16 +753,11 @@ class GAM_Model(CausalLM):
     >>> logits, loss = model(idx, targets=idx)   # idx: (B, T) long, T <= 256
     """
 
-    def __init__(self, config: ModelConfig, block_impl: str = "fast"):
-        # A plain attribute first: CausalLM.__init__ calls _build_block.
-        self._initial_block_impl = block_impl
-        super().__init__(config)
-        del self._initial_block_impl
-
     family = "gam"
+    implementation = "gam"  # both block_impls: the same function, the same parameters
 
-    def _build_block(self, config: ModelConfig) -> nn.Module:
-        return GAMBlock(config, impl=self._initial_block_impl)
+    def __init__(self, config: ModelConfig, block_impl: str = "fast"):
+        super().__init__(config, lambda: GAMBlock(config, impl=block_impl))
 
     @property
     def block_impl(self) -> str:

@@ -27,6 +27,7 @@ import torch
 import distributed
 from common import atomic_torch_save, atomic_write_json, one_line
 from config import GENERATED, UsageError, flag
+from pretrained import save_pretrained
 
 
 class RunError(Exception):
@@ -181,7 +182,7 @@ def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record:
     tokenizer = run_tokenizer(cfg, dataset, info)
     folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
     try:
-        model.save_pretrained(folder, extra_files={"tokenizer.json": tokenizer.to_str()} if tokenizer else None)
+        save_pretrained(model, folder, extra_files={"tokenizer.json": tokenizer.to_str()} if tokenizer else None)
     except ValueError as e:  # a folder there that holds something else: never overwritten
         raise RunError(f"cannot export {dataset}/{model_name}: {e}") from None
     record["export"] = str(folder.relative_to(cfg["out_dir"]))

@@ -379,14 +379,14 @@ def bench_decode_point(name, context_len, args) -> dict:
     res = {"status": "ok", "implementation": getattr(model, "implementation", name)}
     with autocast_context(args.dtype, args.device):
         if context_len <= args.reencode_max_len:  # the paper's path: the whole context per token
-            s = time_calls(lambda: model._logits(ids[:, 1:])[:, -1], 1, args.reencode_reps, sync)
+            s = time_calls(lambda: model.logits(ids[:, 1:])[:, -1], 1, args.reencode_reps, sync)
             res["reencode_ms_median"] = statistics.median(s) * 1000
-        _, states = model._stream(context, 0, [None] * len(model.blocks))    # encode the context once
+        _, states = model.stream(context, 0, [None] * len(model.blocks))    # encode the context once
         total = sum(state_bytes(st) for st in states)
         # One token first, so that the timed ones run on a state that has its steady layout
         # (a KV cache grows by doubling); each timed call then decodes position T + 1 again.
-        _, states = model._stream(new, context_len, states)
-        ms = [t * 1000 for t in time_calls(lambda: model._stream(new, context_len + 1, states),
+        _, states = model.stream(new, context_len, states)
+        ms = [t * 1000 for t in time_calls(lambda: model.stream(new, context_len + 1, states),
                                            args.warmup, args.iters, sync)]
     res.update(time_ms_median=statistics.median(ms), time_ms_min=min(ms), time_ms_max=max(ms),
                time_ms_mean=statistics.fmean(ms), state_bytes_per_seq=total // args.batch_size,

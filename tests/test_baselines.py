@@ -49,7 +49,7 @@ def mamba_ssm_shapes(d_model, d_state=16, d_conv=4, expand=3):
 
 
 # ----------------------------------------------------------------------------------------
-# Exact parameter counts (SPEC section 2)
+# Exact parameter counts at the paper's configuration (ModelConfig())
 # ----------------------------------------------------------------------------------------
 
 def test_transformer_param_count_exact():
@@ -384,6 +384,37 @@ def test_build_lm(name, kwargs, cls, implementation):
     assert all(p.grad is not None for p in model.parameters())
     out = model.eval().generate(idx[:, :3], max_new_tokens=2)
     assert out.shape == (2, 5)
+
+
+@pytest.mark.parametrize("name, kwargs, make_block", [
+    pytest.param("gam", {}, lambda c: GAMBlock(c), id="gam"),
+    pytest.param("transformer", {"n_head": 4}, lambda c: TransformerBlock(c, n_head=4), id="transformer"),
+    pytest.param("mamba", {"mamba_impl": "torch"},
+                 lambda c: build_mamba_mixer(c.N_EMBED, 16, 4, 3, impl="torch")[0], id="mamba"),
+])
+def test_a_seed_draws_the_parameters_in_the_frames_order(name, kwargs, make_block):
+    """torch.manual_seed(s); build_lm(...) draws token embedding, position embedding, the blocks,
+    the final norm and the head, in that order (the author's): a seed gives these weights."""
+    cfg = tiny_config()
+    torch.manual_seed(4)
+    model = build_lm(name, cfg, **kwargs)
+    torch.manual_seed(4)
+    parts = [nn.Embedding(cfg.VOCAB_SIZE, cfg.N_EMBED), nn.Embedding(cfg.BLOCK_SIZE, cfg.N_EMBED),
+             *(make_block(cfg) for _ in range(cfg.N_LAYER)), nn.LayerNorm(cfg.N_EMBED),
+             nn.Linear(cfg.N_EMBED, cfg.VOCAB_SIZE, bias=False)]
+    # The token embedding's draw is consumed, then replaced by the tied head's tensor.
+    expected = [p for part in parts[1:] for p in part.parameters()]
+    got = [model.pos_embedding.weight, *model.blocks.parameters(), *model.ln_f.parameters(), model.head.weight]
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_implementation_is_the_familys_whichever_way_the_model_is_built():
+    cfg = tiny_config()
+    assert GAM_Model(cfg).implementation == GAM_Model(cfg, block_impl="reference").implementation == "gam"
+    assert TransformerLM(cfg, n_head=4, attention="sdpa").implementation == "transformer-sdpa"
+    assert MambaLM(cfg, impl="torch", residual=True).implementation == "mamba-torch-pscan"
+    for name in baselines.MODEL_NAMES:
+        assert build_lm(name, cfg).implementation == baselines.FAMILIES[name](cfg).implementation
 
 
 def test_build_lm_passes_family_options():

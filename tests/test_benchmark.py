@@ -20,6 +20,7 @@ import config
 import runs
 import report
 from gam_model import GAM_Model, ModelConfig
+from pretrained import from_pretrained
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CPU = torch.device("cpu")
@@ -187,7 +188,7 @@ def test_a_run_scores_its_final_model_on_the_test_split(tmp_path, capsys):
     [record] = json.loads((out / "results.json").read_text())
     prepared = build_loaders("wikitext2", data_dir=data_dir, vocab_size=200, block_size=32, batch_size=8,
                              cache_dir=tmp_path / "cache")
-    model = GAM_Model.from_pretrained(out / record["export"])
+    model = from_pretrained(out / record["export"], expect=GAM_Model)
     expected = benchmark.evaluate(model, prepared.test, CPU)["val_loss"]
     assert record["final_test_loss"] == pytest.approx(expected, rel=1e-6)
     assert record["final_test_ppl"] == pytest.approx(math.exp(expected), rel=1e-6)

@@ -1,4 +1,5 @@
-"""Tests of gam_model.py against the facts of SPEC sections 1-2.
+"""Tests of gam_model.py against the paper's GAM block and the author's reference code
+(github.com/rishiraj/gam: its state_dict keys, shapes and parameter counts).
 
 The forward pass is checked against an independent float64 reference written
 here from the equations (naive loops, explicit softmax / LayerNorm / GELU), not
@@ -65,7 +66,7 @@ def rand_idx(cfg: ModelConfig, B: int = 2, T: int | None = None, seed: int = 1) 
 
 
 # --------------------------------------------------------------------------
-# Independent float64 reference (SPEC sections 1-2), reading upstream key names
+# Independent float64 reference (the paper's block equations), reading upstream key names
 # --------------------------------------------------------------------------
 
 
@@ -150,7 +151,7 @@ def ref_cross_entropy(logits, targets):
 
 
 def upstream_keys(cfg: ModelConfig) -> set[str]:
-    """The upstream GAM_Model key set, written from the list in SPEC section 2 (the one
+    """The upstream GAM_Model key set, written from the author's reference code (the one
     statement of it here; every test that needs the keys uses this)."""
     keys = {"token_embedding.weight", "pos_embedding.weight", "ln_f.weight", "ln_f.bias", "head.weight"}
     for i in range(cfg.N_LAYER):
@@ -355,7 +356,7 @@ def test_state_dict_keys_and_shapes_match_upstream():
     model = make_model(double=False)
     sd = model.state_dict()
     assert set(sd) == upstream_keys(model.config)
-    assert len(sd) == 5 + 2 * 13  # the full block of SPEC section 2 has 13 tensors
+    assert len(sd) == 5 + 2 * 13  # the full block has 13 tensors, as the author's
     V, T, C, S, k = 50, 16, 8, 6, 3
     expected_shapes = {
         "token_embedding.weight": (V, C), "pos_embedding.weight": (T, C), "head.weight": (V, C),

@@ -52,9 +52,9 @@ def make(name, flags, kwargs, seed=0):
 
 def generate_recording(model, monkeypatch, idx, n, use_cache, **kwargs):
     """generate with ``use_cache``; returns (tokens, the (B, V) logits of every step, how many
-    steps went through ``_stream`` (the decoding states) and how many re-encoded a full window)."""
+    steps went through ``stream`` (the decoding states) and how many re-encoded a full window)."""
     seen, calls = [], {"stream": 0, "full_window": 0}
-    real_sample, real_stream, real_logits = gam_model._sample, model._stream, model._logits
+    real_sample, real_stream, real_logits = gam_model._sample, model.stream, model.logits
 
     def recording(logits, *args):
         seen.append(logits.clone())
@@ -69,8 +69,8 @@ def generate_recording(model, monkeypatch, idx, n, use_cache, **kwargs):
         return real_logits(*args)
 
     monkeypatch.setattr(gam_model, "_sample", recording)
-    monkeypatch.setattr(model, "_stream", stream)  # instance attributes shadow the methods
-    monkeypatch.setattr(model, "_logits", logits)
+    monkeypatch.setattr(model, "stream", stream)  # instance attributes shadow the methods
+    monkeypatch.setattr(model, "logits", logits)
     model.use_cache = use_cache
     try:
         out = model.generate(idx, n, **kwargs)

@@ -1,4 +1,4 @@
-"""Saved models: CausalLM.save_pretrained / from_pretrained (config.json + model.safetensors) for
+"""Saved models: pretrained.save_pretrained / from_pretrained (config.json + model.safetensors) for
 the three families, their refusals, and benchmark.py's export (models/<run>/, tokenizer.json,
 samples.md), resumed runs included, and the README's "Use a trained model" example."""
 
@@ -22,6 +22,7 @@ import report
 from baselines import MambaLM, TransformerLM
 from data import PreparedData
 from gam_model import CausalLM, GAM_Model, ModelConfig
+from pretrained import from_pretrained, save_pretrained
 from test_benchmark import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,11 +57,11 @@ def ids(batch=2, length=16) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_round_trip_gives_the_same_class_weights_and_logits(tmp_path, name):
     model = make_model(name)
-    model.save_pretrained(tmp_path / "m")
-    for loader in (type(model), CausalLM):  # the family's class, and the frame dispatching on the family
-        loaded = loader.from_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
+    for expect in (None, type(model), CausalLM):  # any family, the family's class, a base of it
+        loaded = from_pretrained(tmp_path / "m", expect=expect)
         assert type(loaded) is type(model) and loaded.config == model.config and not loaded.training
-        assert loaded._family_config() == model._family_config()
+        assert loaded.family_config() == model.family_config()
         assert torch.equal(loaded(ids())[0], model(ids())[0])  # exact: the same weights, the same function
     if isinstance(model, MambaLM):
         assert loaded.implementation == "mamba-torch-pscan"
@@ -68,13 +69,13 @@ def test_round_trip_gives_the_same_class_weights_and_logits(tmp_path, name):
 
 def test_tied_weights_are_stored_once_and_tied_after_load(tmp_path):
     model = make_model("gam")
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     with safe_open(tmp_path / "m" / "model.safetensors", framework="pt") as f:
         names = set(f.keys())
         stored = sum(f.get_tensor(k).numel() for k in names)
     assert "head.weight" in names and "token_embedding.weight" not in names
     assert stored == model.num_params()  # every distinct parameter exactly once
-    loaded = GAM_Model.from_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m", expect=GAM_Model)
     assert loaded.head.weight is loaded.token_embedding.weight
     with torch.no_grad():
         loaded.head.weight[0, 0] += 1.0  # one tensor: the embedding moves with the head
@@ -82,7 +83,7 @@ def test_tied_weights_are_stored_once_and_tied_after_load(tmp_path):
 
 
 def test_config_json_names_the_family_and_what_rebuilds_it(tmp_path):
-    make_model("mamba-residual").save_pretrained(tmp_path / "m")
+    save_pretrained(make_model("mamba-residual"), tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["family"] == "mamba" and config["dtype"] == "float32"
     assert config["family_config"] == {"d_state": 4, "d_conv": 4, "expand": 2, "residual": True}
@@ -94,10 +95,10 @@ def test_config_json_names_the_family_and_what_rebuilds_it(tmp_path):
 
 
 def test_keyword_arguments_choose_what_the_saved_function_leaves_open(tmp_path):
-    make_model("gam").save_pretrained(tmp_path / "gam")
-    make_model("transformer").save_pretrained(tmp_path / "tf")
-    gam = GAM_Model.from_pretrained(tmp_path / "gam", block_impl="reference").eval()
-    tf = CausalLM.from_pretrained(tmp_path / "tf", attention="sdpa").eval()
+    save_pretrained(make_model("gam"), tmp_path / "gam")
+    save_pretrained(make_model("transformer"), tmp_path / "tf")
+    gam = from_pretrained(tmp_path / "gam", block_impl="reference", expect=GAM_Model).eval()
+    tf = from_pretrained(tmp_path / "tf", attention="sdpa").eval()
     assert gam.block_impl == "reference" and tf.attention == "sdpa"
     torch.testing.assert_close(gam(ids())[0], make_model("gam")(ids())[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tf(ids())[0], make_model("transformer")(ids())[0], rtol=1e-5, atol=1e-5)
@@ -105,23 +106,60 @@ def test_keyword_arguments_choose_what_the_saved_function_leaves_open(tmp_path):
 
 def test_weights_keep_their_dtype_and_the_rng_is_left_alone(tmp_path):
     model = make_model("gam").to(torch.float64)
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    loaded = GAM_Model.from_pretrained(tmp_path / "m", device="cpu")
+    loaded = from_pretrained(tmp_path / "m", device="cpu", expect=GAM_Model)
     assert torch.equal(torch.rand(3), expected)  # building the model drew no numbers from the global RNG
     assert loaded.head.weight.dtype == torch.float64
     assert torch.equal(loaded(ids())[0], model(ids())[0])
 
 
 def test_another_family_is_refused_naming_the_class_to_use(tmp_path):
-    make_model("transformer").save_pretrained(tmp_path / "tf")
-    make_model("gam").save_pretrained(tmp_path / "gam")
-    with pytest.raises(ValueError, match="holds a transformer model, not a GAM_Model.*TransformerLM.from_pretrained"):
-        GAM_Model.from_pretrained(tmp_path / "tf")
+    save_pretrained(make_model("transformer"), tmp_path / "tf")
+    save_pretrained(make_model("gam"), tmp_path / "gam")
+    with pytest.raises(ValueError, match="holds a transformer model, not a GAM_Model.*expect=TransformerLM"):
+        from_pretrained(tmp_path / "tf", expect=GAM_Model)
     with pytest.raises(ValueError, match="holds a gam model, not a MambaLM"):
-        MambaLM.from_pretrained(tmp_path / "gam")
+        from_pretrained(tmp_path / "gam", expect=MambaLM)
+
+
+def test_expect_a_subclass_builds_it_and_refuses_what_is_no_model_class(tmp_path):
+    class MyGAM(GAM_Model):
+        pass
+
+    save_pretrained(make_model("gam"), tmp_path / "gam")
+    loaded = from_pretrained(tmp_path / "gam", expect=MyGAM)
+    assert type(loaded) is MyGAM and torch.equal(loaded(ids())[0], make_model("gam")(ids())[0])
+    for expect in ("gam", GAM_Model(ModelConfig(**CONFIG)), torch.nn.Linear):
+        with pytest.raises(ValueError, match="expect must be a model class"):
+            from_pretrained(tmp_path / "gam", expect=expect)
+
+
+def test_a_model_of_no_family_is_refused_before_anything_is_written(tmp_path):
+    class Frame(CausalLM):  # a CausalLM that is none of baselines.FAMILIES
+        def __init__(self, config):
+            super().__init__(config, lambda: torch.nn.Identity())
+
+    with pytest.raises(ValueError, match="has no family.*GAM_Model, TransformerLM, MambaLM"):
+        save_pretrained(Frame(ModelConfig(**CONFIG)), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_families_come_from_baselines_and_nothing_imports_pretrained():
+    """baselines.FAMILIES is the table pretrained reads; gam_model and baselines do not import
+    pretrained (no import circle), and gam_model needs only torch."""
+    import subprocess
+
+    code = ("import sys, baselines; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'pretrained', 'safetensors', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    import baselines
+
+    assert baselines.MODEL_NAMES == tuple(baselines.FAMILIES) == ("gam", "transformer", "mamba")
+    assert all(cls.family == name for name, cls in baselines.FAMILIES.items())
 
 
 def rewrite_weights(folder: Path, edit) -> None:
@@ -137,10 +175,10 @@ def rewrite_weights(folder: Path, edit) -> None:
     (lambda t: t.update({"ln_f.weight": torch.ones(8)}), "does not fit"),
 ])
 def test_tensors_that_do_not_match_the_config_are_a_value_error(tmp_path, edit, message):
-    make_model("gam").save_pretrained(tmp_path / "m")
+    save_pretrained(make_model("gam"), tmp_path / "m")
     rewrite_weights(tmp_path / "m", edit)
     with pytest.raises(ValueError, match=message) as e:
-        GAM_Model.from_pretrained(tmp_path / "m")
+        from_pretrained(tmp_path / "m", expect=GAM_Model)
     assert "model.safetensors" in str(e.value) and "save_pretrained" in str(e.value)
 
 
@@ -151,18 +189,18 @@ def test_tensors_that_do_not_match_the_config_are_a_value_error(tmp_path, edit, 
     (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is unreadable"),
 ])
 def test_a_damaged_folder_is_a_value_error(tmp_path, damage, message):
-    make_model("gam").save_pretrained(tmp_path / "m")
+    save_pretrained(make_model("gam"), tmp_path / "m")
     damage(tmp_path / "m")
     with pytest.raises(ValueError, match=message):
-        CausalLM.from_pretrained(tmp_path / "m")
+        from_pretrained(tmp_path / "m")
 
 
 def test_missing_safetensors_names_the_package(tmp_path, monkeypatch):
     model = make_model("gam")
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors now raises ImportError
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    for call in (lambda: model.save_pretrained(tmp_path / "n"), lambda: GAM_Model.from_pretrained(tmp_path / "m")):
+    for call in (lambda: save_pretrained(model, tmp_path / "n"), lambda: from_pretrained(tmp_path / "m")):
         with pytest.raises(ImportError, match="pip install safetensors"):
             call()
     assert not (tmp_path / "n").exists()
@@ -179,7 +217,7 @@ def test_missing_safetensors_names_the_package(tmp_path, monkeypatch):
 def test_extra_files_are_plain_names_with_text_or_bytes(tmp_path, extra, message):
     target = tmp_path / "inner" / "model"
     with pytest.raises(ValueError, match=message):
-        make_model("gam").save_pretrained(target, extra_files=extra)
+        save_pretrained(make_model("gam"), target, extra_files=extra)
     assert not (tmp_path / "inner").exists() and not (tmp_path / "escape.txt").exists()
 
 
@@ -188,18 +226,18 @@ def test_overwrite_policy(tmp_path):
     other.mkdir()
     (other / "a.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no saved model"):
-        make_model("gam").save_pretrained(other)
+        save_pretrained(make_model("gam"), other)
     assert [p.name for p in other.iterdir()] == ["a.txt"]  # untouched
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
-        make_model("gam").save_pretrained(tmp_path / "file")
+        save_pretrained(make_model("gam"), tmp_path / "file")
 
     folder = tmp_path / "m"
     folder.mkdir()  # an empty folder is fine
-    make_model("gam").save_pretrained(folder, extra_files={"tokenizer.json": "{}", "notes.bin": b"\x00"})
+    save_pretrained(make_model("gam"), folder, extra_files={"tokenizer.json": "{}", "notes.bin": b"\x00"})
     (folder / "README.md").write_text("kept")
-    make_model("transformer").save_pretrained(folder)  # a saved model is replaced, other files kept
-    assert isinstance(CausalLM.from_pretrained(folder), TransformerLM)
+    save_pretrained(make_model("transformer"), folder)  # a saved model is replaced, other files kept
+    assert isinstance(from_pretrained(folder), TransformerLM)
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
                                                   "notes.bin", "README.md"}
     assert (folder / "README.md").read_text() == "kept" and (folder / "notes.bin").read_bytes() == b"\x00"
@@ -208,7 +246,7 @@ def test_overwrite_policy(tmp_path):
 
 def test_a_failed_save_leaves_the_old_model(tmp_path, monkeypatch):
     folder = tmp_path / "m"
-    make_model("gam").save_pretrained(folder)
+    save_pretrained(make_model("gam"), folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def disk_full(self, data):
@@ -216,7 +254,7 @@ def test_a_failed_save_leaves_the_old_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_bytes", disk_full)  # fails while writing the extra file
     with pytest.raises(OSError, match="No space left"):
-        make_model("transformer").save_pretrained(folder, extra_files={"notes.txt": "x"})
+        save_pretrained(make_model("transformer"), folder, extra_files={"notes.txt": "x"})
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
@@ -248,7 +286,7 @@ def trained_model(run: Path, model_name: str) -> CausalLM:
 def test_benchmark_exports_each_model_with_its_tokenizer(smoke_run, model_name):
     folder = smoke_run / "models" / f"synthetic-{model_name}"
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
-    loaded = (GAM_Model if model_name == "gam" else CausalLM).from_pretrained(folder).eval()
+    loaded = from_pretrained(folder, expect=GAM_Model if model_name == "gam" else None).eval()
     trained = trained_model(smoke_run, model_name)
     assert type(loaded) is type(trained)
     x = torch.randint(0, loaded.config.VOCAB_SIZE, (2, loaded.config.BLOCK_SIZE))
@@ -277,7 +315,7 @@ def test_greedy_sample_is_the_model_argmax(smoke_run):
     """The recorded greedy continuation is what the exported model decodes greedily, step by step."""
     folder = smoke_run / "models" / "synthetic-gam"
     record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == "gam")
-    model, tokenizer = GAM_Model.from_pretrained(folder).eval(), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    model, tokenizer = from_pretrained(folder, expect=GAM_Model), Tokenizer.from_file(str(folder / "tokenizer.json"))
     val = benchmark.load_dataset(record["config"], "synthetic", smoke_run.parent.parent / "cache").validation.dataset.blocks
     idx = val[:1, :runs.SAMPLE_PROMPT_TOKENS]
     for _ in range(runs.SAMPLE_NEW_TOKENS):  # the reference: argmax of forward on the cropped context

@@ -392,13 +392,13 @@ def test_decoding_state_bytes_match_the_configs(T):
 
 
 def test_streamed_token_equals_the_reencoded_one():
-    # The decode point times _stream from the encoded context; its logits are those of re-encoding.
+    # The decode point times stream from the encoded context; its logits are those of re-encoding.
     args = scale.parse_args([*DECODE, "--seq-lens", "12"])
     for name in ("gam", "transformer", "mamba"):
         model = scale.build_decoder(name, 12, args, torch.device("cpu"))
         ids = torch.randint(0, 100, (2, 13))
         with torch.no_grad():
-            _, states = model._stream(ids[:, :12], 0, [None] * len(model.blocks))
-            streamed, _ = model._stream(ids[:, 12:], 12, states)
-            full = model._logits(ids)[:, -1]
+            _, states = model.stream(ids[:, :12], 0, [None] * len(model.blocks))
+            streamed, _ = model.stream(ids[:, 12:], 12, states)
+            full = model.logits(ids)[:, -1]
         assert torch.allclose(streamed, full, atol=1e-4), name

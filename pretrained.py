@@ -1,0 +1,262 @@
+"""Saved models: a trained language model of any family as a folder of two files.
+
+    config.json        the format, the family, the ModelConfig fields, the family's own
+                       constructor arguments (``model.family_config()``) and the dtype
+    model.safetensors  the weights (no pickle); the tied embedding and head stored once,
+                       as ``head.weight``
+
+>>> from pretrained import from_pretrained, save_pretrained
+>>> save_pretrained(model, "models/gam", extra_files={"tokenizer.json": tokenizer.to_str()})
+>>> model = from_pretrained("models/gam")                   # the saved family's class, eval mode
+>>> model = from_pretrained("models/gam", expect=GAM_Model)  # a folder of another family: ValueError
+
+The family's class comes from ``baselines.FAMILIES``. Needs the ``safetensors`` package,
+imported when a model is saved or loaded (so ``import pretrained`` works without it, and a
+missing package is an ImportError naming it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from baselines import FAMILIES
+from gam_model import CausalLM, ModelConfig
+
+__all__ = ["save_pretrained", "from_pretrained"]
+
+PRETRAINED_FORMAT = "gam-reproduction-causal-lm-v1"  # config.json's "format"
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+_TIED_KEY = "token_embedding.weight"  # the tied copy of head.weight: not stored
+
+
+def save_pretrained(model: CausalLM, folder: str | os.PathLike, extra_files: dict | None = None) -> None:
+    """Write ``model`` to ``folder``: ``config.json`` and ``model.safetensors`` (see the module
+    docstring), loadable by ``from_pretrained``.
+
+    ``extra_files`` ({name: str or bytes}, e.g. ``{"tokenizer.json": tok.to_str()}``) are
+    written beside them. Atomic: everything is written into a fresh temporary folder beside
+    ``folder``, which then takes its place, so a reader (or a crash) never sees a half-written
+    model. ``folder`` may be new, an empty folder or a folder saved here before (replaced;
+    files of it that this call does not write, such as a tokenizer, are kept); any other
+    non-empty folder is refused (ValueError), never overwritten. Bad arguments are a
+    ValueError before anything is written.
+    """
+    save_file = _safetensors("save_file")
+    _check_extra_files(extra_files)
+    _check_family(model)
+    if model.token_embedding.weight is not model.head.weight:
+        raise ValueError("the token embedding and the head are no longer tied (one tensor); "
+                         "re-tie them (model.token_embedding.weight = model.head.weight) before saving")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED_KEY}
+    config = {"format": PRETRAINED_FORMAT, "family": model.family, "model_config": model.config.to_dict(),
+              "family_config": model.family_config(), "dtype": str(model.head.weight.dtype).split(".")[-1],
+              "tied_weights": {_TIED_KEY: "head.weight"}}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+    _replace_folder(Path(folder), write)
+
+
+def from_pretrained(folder: str | os.PathLike, device=None, expect: type | None = None, **kwargs) -> CausalLM:
+    """The model saved in ``folder`` by ``save_pretrained``, on ``device`` (default CPU), in eval
+    mode (dropout off; ``.train()`` to fine-tune).
+
+    Returns the saved family's class (GAM_Model, TransformerLM or MambaLM). ``expect``, a model
+    class, asks for a model of that class: a family class (or a base of it, such as CausalLM)
+    loads only its own family (ValueError naming the right class otherwise); a subclass of the
+    saved family's class is built as that subclass. ``kwargs`` go to the constructor for what
+    is not part of the saved function, e.g. ``block_impl="reference"`` (GAM), ``attention="sdpa"``
+    (Transformer), ``impl="torch"`` (Mamba). The weights keep their saved dtype; a file whose
+    tensors do not match the config (missing, unexpected, other shapes) is a ValueError. Builds
+    the model (random init, with torch's global RNG state restored afterwards), then loads.
+    """
+    load_file = _safetensors("load_file")
+    folder = Path(folder)
+    saved = _read_pretrained_config(folder)
+    cls = _class_to_build(saved["family"], folder, expect)
+    config = ModelConfig(**saved["model_config"])
+    device = torch.device("cpu") if device is None else torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = _build(cls, config, {**saved["family_config"], **kwargs}, device)
+    try:
+        tensors = load_file(folder / WEIGHTS_NAME)
+    except Exception as e:  # missing, truncated or not a safetensors file
+        raise ValueError(f"{folder / WEIGHTS_NAME} is unreadable ({' '.join(str(e).split())}); "
+                         "save the model again with save_pretrained") from None
+    _check_tensor_names(model, tensors, folder)
+    tensors[_TIED_KEY] = tensors["head.weight"]
+    model.to(device=device, dtype=getattr(torch, saved["dtype"]))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:  # shapes that do not fit config.json
+        raise ValueError(f"{folder / WEIGHTS_NAME} does not fit {folder / CONFIG_NAME} "
+                         f"({' '.join(str(e).split())[:300]}); save the model again with save_pretrained") from None
+    return model.eval()  # as Hugging Face's: ready to use; .train() to fine-tune
+
+
+def _safetensors(name: str):
+    """safetensors.torch.<name>, imported at the call: a missing package names itself."""
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        raise ImportError("save_pretrained / from_pretrained need the safetensors package: "
+                          "pip install safetensors") from None
+    return getattr(st, name)
+
+
+def _family_names() -> str:
+    return ", ".join(cls.__name__ for cls in FAMILIES.values())
+
+
+def _check_family(model) -> None:
+    family = getattr(model, "family", None)
+    if family not in FAMILIES or not isinstance(model, FAMILIES[family]):
+        raise ValueError(f"{type(model).__name__} has no family: save a model of one of "
+                         f"{_family_names()} (or of a subclass)")
+
+
+def _class_to_build(family, folder: Path, expect: type | None) -> type:
+    """The class of the saved family, or ``expect`` where it is a subclass of that."""
+    if family not in FAMILIES:
+        raise ValueError(f"{folder / CONFIG_NAME}: unknown model family {family!r} "
+                         f"(known: {', '.join(FAMILIES)})")
+    target = FAMILIES[family]
+    if expect is None:
+        return target
+    if not (isinstance(expect, type) and issubclass(expect, CausalLM)):
+        raise ValueError(f"expect must be a model class such as {_family_names()}, got {expect!r}")
+    if issubclass(expect, target):
+        return expect
+    if issubclass(target, expect):
+        return target
+    raise ValueError(f"{folder} holds a {family} model, not a {expect.__name__}; load it as a "
+                     f"{target.__name__}: from_pretrained(folder, expect={target.__name__}) or from_pretrained(folder)")
+
+
+def _build(cls: type, config: ModelConfig, kwargs: dict, device: torch.device) -> CausalLM:
+    """The model from_pretrained fills. A family whose build depends on the device takes it as
+    an argument (MambaLM: ``impl="auto"`` picks the mixer for the device); the others are
+    moved there after loading."""
+    if "device" in inspect.signature(cls).parameters:
+        kwargs = {"device": device, **kwargs}
+    return cls(config, **kwargs)
+
+
+def _read_pretrained_config(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is missing or unreadable ({' '.join(str(e).split())}): {folder} is not a "
+                         "folder written by save_pretrained (or benchmark.py's models/)") from None
+    keys = ("format", "family", "model_config", "family_config", "dtype")
+    if not (isinstance(saved, dict) and saved.get("format") == PRETRAINED_FORMAT and all(k in saved for k in keys)
+            and isinstance(saved["model_config"], dict) and isinstance(saved["family_config"], dict)):
+        raise ValueError(f"{path} is not a saved-model config (format {PRETRAINED_FORMAT!r} with "
+                         f"{', '.join(keys)}); save the model with save_pretrained")
+    if not isinstance(getattr(torch, str(saved["dtype"]), None), torch.dtype):
+        raise ValueError(f"{path}: unknown dtype {saved['dtype']!r}; save the model again with save_pretrained")
+    unknown = set(saved["model_config"]) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"{path}: unknown ModelConfig fields {sorted(unknown)}; save the model again")
+    return saved
+
+
+def _check_tensor_names(model: nn.Module, tensors: dict, folder: Path) -> None:
+    expected = set(model.state_dict()) - {_TIED_KEY}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        what = []
+        if missing:
+            what.append(f"missing {_first_five(missing)}")
+        if unexpected:
+            what.append(f"unexpected {_first_five(unexpected)}")
+        raise ValueError(f"{folder / WEIGHTS_NAME} does not hold the tensors of the model in "
+                         f"{folder / CONFIG_NAME} ({'; '.join(what)}); save the model again with save_pretrained")
+
+
+def _first_five(names: list) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
+def _is_saved_model(folder: Path) -> bool:
+    try:
+        return json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("format") == PRETRAINED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_extra_files(extra_files: dict | None) -> None:
+    """Extra files are plain names inside the model folder (no path, not the model's own
+    files) with str or bytes contents: anything else is refused before anything is written."""
+    for name, data in (extra_files or {}).items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ValueError(f"extra_files name {name!r} is not a plain file name; give a name such as "
+                             "'tokenizer.json' (no folders, no absolute path)")
+        if name in (CONFIG_NAME, WEIGHTS_NAME):
+            raise ValueError(f"extra_files name {name!r} is the model's own file; save_pretrained writes it")
+        if not isinstance(data, (str, bytes)):
+            raise ValueError(f"extra_files[{name!r}] is a {type(data).__name__}; give str or bytes")
+
+
+def _replace_folder(path: Path, write) -> None:
+    """Fill a fresh temporary folder beside ``path`` with ``write(folder)``, then put it in
+    the place of ``path`` by renames: readers see the old folder or the new, whole one."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; save into a new or empty folder")
+    old = path.is_dir() and any(path.iterdir())
+    if old and not _is_saved_model(path):
+        raise ValueError(f"{path} is a non-empty folder that holds no saved model; "
+                         "save into a new or empty folder (nothing was written)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        _share(tmp)
+        for entry in path.iterdir() if old else []:  # what this save does not write is kept
+            if not (tmp / entry.name).exists():
+                copy = shutil.copytree if entry.is_dir() else shutil.copy2
+                copy(entry, tmp / entry.name)
+        _swap_in(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _share(tmp: Path) -> None:
+    """The permissions of any new file (umask applied): a saved model is meant to be shared,
+    and mkdtemp makes 0700, safetensors 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for written in tmp.iterdir():
+        os.chmod(written, 0o666 & ~mask)
+    os.chmod(tmp, 0o777 & ~mask)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the folder ``tmp`` in the place of ``path`` (new or an existing folder) by renames."""
+    if not path.is_dir():
+        os.replace(tmp, path)
+        return
+    trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    os.replace(path, trash / "old")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(trash / "old", path)  # the old model back in its place
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)

@@ -169,27 +169,60 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), [kbuf, vbuf, n + T]
 
 
+class CausalConv(nn.Module):
+    """GAM's local pathway as a token mixer: a causal depthwise convolution of kernel
+    ``CONV_KERNEL_SIZE`` (position t sees t-k+1..t), (B, T, C) -> (B, T, C). Its parameter is
+    named and initialised as GAMBlock's ``causal_conv``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, self.k = config.N_EMBED, config.CONV_KERNEL_SIZE
+        self.causal_conv = nn.Conv1d(C, C, kernel_size=self.k, groups=C, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.pad(x.transpose(1, 2), (self.k - 1, 0))                        # (B, C, k-1+T)
+        return self.causal_conv(h).transpose(1, 2)                             # (B, T, C)
+
+    def step(self, x: torch.Tensor, cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next positions x (B, T', C) given the k-1 inputs before them (cache; None at the
+        start: zeros, as the padding); returns (out (B, T', C), the last k-1 inputs)."""
+        if cache is None:
+            cache = x.new_zeros(x.shape[0], self.k - 1, x.shape[2])
+        h = torch.cat([cache, x], dim=1)                                       # (B, k-1+T', C)
+        out = self.causal_conv(h.transpose(1, 2)).transpose(1, 2)              # (B, T', C)
+        return out, h[:, h.shape[1] - (self.k - 1):]
+
+
 class TransformerBlock(nn.Module):
     """GPT-style pre-norm block: (B, T, C) -> (B, T, C).
 
     ``x = x + attn(ln_1(x)); x = x + ffn(ln_2(x))`` with the same FFN as the GAM block.
+    ``mixer="conv"`` puts a CausalConv (``conv``) where the attention (``attn``) is.
     """
 
-    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive"):
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive", mixer: str = "attention"):
         super().__init__()
         C = config.N_EMBED
         self.ln_1 = nn.LayerNorm(C)
-        self.attn = CausalSelfAttention(config, n_head=n_head, attention=attention)
+        if mixer == "conv":
+            self.conv = CausalConv(config)
+        else:
+            self.attn = CausalSelfAttention(config, n_head=n_head, attention=attention)
         self.ln_2 = nn.LayerNorm(C)
         self.ffn = feed_forward(C, config.DROPOUT)  # the same FFN as GAMBlock
 
+    @property
+    def mixer(self) -> nn.Module:
+        return self.conv if hasattr(self, "conv") else self.attn
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))                                        # (B, T, C)
+        x = x + self.mixer(self.ln_1(x))                                       # (B, T, C)
         return x + self.ffn(self.ln_2(x))                                      # (B, T, C)
 
-    def step(self, x: torch.Tensor, cache: list | None) -> tuple[torch.Tensor, list]:
-        """``forward`` at the next positions x (B, T', C) with a KV cache (see CausalSelfAttention.step)."""
-        a, cache = self.attn.step(self.ln_1(x), cache)
+    def step(self, x: torch.Tensor, cache) -> tuple[torch.Tensor, list]:
+        """``forward`` at the next positions x (B, T', C) with the mixer's cache (attention: a KV
+        cache, see CausalSelfAttention.step; conv: the last k-1 inputs)."""
+        a, cache = self.mixer.step(self.ln_1(x), cache)
         x = x + a                                                              # (B, T', C)
         return x + self.ffn(self.ln_2(x)), cache
 
@@ -199,21 +232,33 @@ class TransformerLM(CausalLM):
 
     >>> model = TransformerLM(ModelConfig(), n_head=8, attention="sdpa")
     >>> logits, loss = model(idx, targets=idx)   # idx: (B, T) long, T <= BLOCK_SIZE
+
+    ``conv_layers=n``: the first n blocks mix tokens with GAM's causal convolution instead of
+    attention (``CausalConv``): a control for recall, in which the convolution carries each key
+    to its value's position and the attention above it looks the key up, as in Zoology's
+    MQAR baselines (a short convolution, then attention). Not the paper's model.
     """
 
     family = "transformer"
 
-    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive"):
-        super().__init__(config, lambda: TransformerBlock(config, n_head=n_head, attention=attention))
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive", conv_layers: int = 0):
+        if isinstance(conv_layers, bool) or not isinstance(conv_layers, int) or not 0 <= conv_layers <= config.N_LAYER:
+            raise ValueError(f"conv_layers must be an integer in [0, N_LAYER={config.N_LAYER}], got {conv_layers!r}")
+        mixers = iter(["conv"] * conv_layers + ["attention"] * (config.N_LAYER - conv_layers))
+        super().__init__(config, lambda: TransformerBlock(config, n_head=n_head, attention=attention,
+                                                          mixer=next(mixers)))
         self.n_head = n_head
         self.attention = attention
+        self.conv_layers = conv_layers
 
     @property
     def implementation(self) -> str:
-        return f"transformer-{self.attention}"  # "transformer-naive" or "transformer-sdpa"
+        conv = f"-conv{self.conv_layers}" if self.conv_layers else ""
+        return f"transformer-{self.attention}{conv}"  # "transformer-naive", "transformer-sdpa", ...-conv1
 
     def family_config(self) -> dict:
-        return {"n_head": self.n_head, "attention": self.attention}
+        return {"n_head": self.n_head, "attention": self.attention,
+                **({"conv_layers": self.conv_layers} if self.conv_layers else {})}
 
 
 # ----------------------------------------------------------------------------------------
@@ -462,12 +507,14 @@ def build_lm(
     expand: int = 3,
     mamba_residual: bool = False,
     mamba_impl: str = "auto",
+    conv_layers: int = 0,
     device=None,
 ) -> CausalLM:
     """One of the paper's language models, moved to ``device`` when given.
 
     name: ``"gam"`` (gam_model.GAM_Model), ``"transformer"`` (``attention`` ``"naive"`` or
-    ``"sdpa"``, ``n_head`` heads) or ``"mamba"`` (``d_state``, ``d_conv``, ``expand``,
+    ``"sdpa"``, ``n_head`` heads, the first ``conv_layers`` of them convolutions: see
+    TransformerLM) or ``"mamba"`` (``d_state``, ``d_conv``, ``expand``,
     ``mamba_residual``, ``mamba_impl``). Options of the other families are ignored, so one
     call site can build all three. The returned model has an ``implementation`` attribute:
     ``"gam"``, ``"transformer-naive"``, ``"transformer-sdpa"``, ``"mamba_ssm"``,
@@ -476,7 +523,7 @@ def build_lm(
     if name not in FAMILIES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
     options = {  # the constructor arguments of the families that take any
-        "transformer": dict(n_head=n_head, attention=attention),
+        "transformer": dict(n_head=n_head, attention=attention, conv_layers=conv_layers),
         "mamba": dict(d_state=d_state, d_conv=d_conv, expand=expand, residual=mamba_residual,
                       impl=mamba_impl, device=device),
     }

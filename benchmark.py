@@ -33,8 +33,9 @@ import distributed
 from gam_model import ModelConfig
 import runs
 from common import atomic_write_json, atomic_write_text, autocast_context, free_memory, is_oom, one_line, run_metadata, sync
-from config import (GAM_VARIANTS, UsageError, build_parser, explicit_flags, is_paper_config, model_config, rank_device,
-                    resolve_config, resolve_device)
+from baselines import build_lm
+from config import (UsageError, build_parser, explicit_flags, family_of, is_paper_config, model_config,
+                    rank_device, resolve_config, resolve_device)
 from report import print_tables, speed_markdown, speed_row, write_report, write_results, write_unigram
 from runs import DivergedError, RunError, Where
 
@@ -339,13 +340,11 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 
 
 def build_model(cfg: dict, model_name: str, vocab_size: int, device: torch.device, mamba_impl: str):
-    from baselines import build_lm
-
     mc = model_config(cfg, model_name, vocab_size)
-    family = "gam" if model_name in GAM_VARIANTS else model_name
+    family, options = family_of(model_name)
     model = build_lm(family, mc, n_head=cfg["n_head"], attention=cfg["attention"],
                      d_state=cfg["d_state"], d_conv=cfg["d_conv"], expand=cfg["expand"],
-                     mamba_residual=cfg["mamba_residual"], mamba_impl=mamba_impl, device=device)
+                     mamba_residual=cfg["mamba_residual"], mamba_impl=mamba_impl, device=device, **options)
     return model.to(device), mc
 
 
@@ -522,7 +521,8 @@ def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict
     model = t.model
     return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
             "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
-            "status": "running", "epochs": t.epochs, "model_config": t.model_config.to_dict(), "data": info,
+            "status": "running", "steps_per_epoch": t.steps_per_epoch, "epochs": t.epochs,
+            "model_config": t.model_config.to_dict(), "data": info,
             **run_metadata(device), **distributed.describe(),  # world_size, backend
             "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import distributed
-from baselines import MAMBA_IMPLS
+from baselines import MAMBA_IMPLS, MODEL_NAMES
 from common import OneLineParser, int_at_least, one_line
 from gam_model import ModelConfig
 
@@ -29,7 +29,11 @@ GAM_VARIANTS = {
     "gam-sum-fusion": dict(USE_GATE=False, USE_LOCAL=True, USE_GLOBAL=True),
     "gam-local-only": dict(USE_GATE=False, USE_LOCAL=True, USE_GLOBAL=False),
 }
-MODELS = [*GAM_VARIANTS, "transformer", "mamba"]
+# Controls: models that are not the paper's, each a family with other options. The attention
+# control of the recall task: the Transformer with its first layer a causal convolution
+# (baselines.TransformerLM, conv_layers).
+CONTROLS = {"conv-attention": ("transformer", dict(conv_layers=1))}
+MODELS = [*GAM_VARIANTS, *CONTROLS, *(f for f in MODEL_NAMES if f != "gam")]
 DATASETS = ["wikitext2", "tinystories", "synthetic", "mqar"]
 GENERATED = ("synthetic", "mqar")  # generated in code: no hub, no --data-dir
 # The paper's training setup (its section 4; the same values as the author's benchmark.py).
@@ -360,6 +364,13 @@ def validate_run_keys(cfg: dict, saved: bool) -> None:
         if not (isinstance(fp, dict) and set(fp) == set(runs)
                 and all(isinstance(v, dict) and set(v) == set(FINGERPRINT_KEYS) for v in fp.values())):
             raise UsageError("data_fingerprint must hold train, validation, tokenizer and vocab_size per dataset")
+
+
+def family_of(model_name: str) -> tuple[str, dict]:
+    """The family (baselines.FAMILIES) that builds a model name, and the options it adds."""
+    if model_name in GAM_VARIANTS:
+        return "gam", {}
+    return CONTROLS.get(model_name, (model_name, {}))
 
 
 def model_config(cfg: dict, model_name: str, vocab_size: int) -> ModelConfig:

@@ -27,12 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from baselines import build_lm
+from baselines import MODEL_NAMES, build_lm
 from gam_model import GAMBlock, ModelConfig
 from common import MIB, OneLineParser, atomic_write_text, int_at_least, run_metadata
-
-FAMILIES = ("gam", "transformer", "mamba")
-
 
 def author_style_forward(block: GAMBlock, x: torch.Tensor) -> torch.Tensor:
     """A GAM block as the author's code writes it (the paper's equations), on ``block``'s weights:
@@ -147,7 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int_at_least(1), default=2048, help="block check: sequence length")
     p.add_argument("--d-model", type=int_at_least(1), default=512, help="block check: width")
     p.add_argument("--reps", type=int_at_least(1), default=9, help="block check: timed rounds (after one warm-up)")
-    p.add_argument("--models", nargs="+", choices=FAMILIES, default=["gam"], help="generate check: families")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=["gam"], help="generate check: families")
     p.add_argument("--batch-sizes", nargs="+", type=int_at_least(1), default=[1, 8], help="generate check")
     p.add_argument("--new-tokens", type=int_at_least(1), default=255, help="generate check: new tokens")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads")

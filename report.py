@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import distributed
+from baselines import MODEL_NAMES
 from common import atomic_save_figure, atomic_write_json, atomic_write_text, device_description, one_line
 from config import GAM_VARIANTS, OLDER_CONFIG_DEFAULTS, UsageError, flag
 
@@ -76,7 +77,7 @@ def seed_count(group: list[dict]) -> str:
 
 
 def table1_markdown(records: list[dict]) -> str:
-    groups = [g for g in group_seeds(records) if g[0]["model"] in ("gam", "transformer", "mamba")]
+    groups = [g for g in group_seeds(records) if g[0]["model"] in MODEL_NAMES]
     seeds, test, lrs = any(len(g) > 1 for g in groups), has_test(records), own_lrs(groups)
     head = ["Dataset", "Model", "Params", *(["LR"] if lrs else []), *(["Seeds"] if seeds else []),
             "Time / epoch (s)", "Val loss", "Val PPL",
@@ -150,7 +151,7 @@ LR_NOTE = ("LR: each model's peak learning rate. Where models differ in it, each
 
 def own_lrs(groups: list[list[dict]]) -> bool:
     """Whether the rows' models were trained at different learning rates."""
-    return len({g[0]["config"].get("lr") for g in groups}) > 1
+    return len({g[0].get("config", {}).get("lr") for g in groups}) > 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,22 +220,39 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
 
 
 def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
-    """Validation perplexity per epoch, one panel per dataset, one line per model and seed."""
+    """One panel per dataset: validation perplexity per epoch (text), or recall accuracy
+    against training steps (MQAR: accuracy, not perplexity, is what the task scores). A colour
+    per model, a line style per seed; the legend beside the axes, not over the data."""
     import matplotlib.ticker
 
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    several_seeds = len({r.get("seed") for r in records}) > 1
-    fig, axes = new_figure(len(datasets), figsize=(5.5 * len(datasets), 4))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    seeds = list(dict.fromkeys(r.get("seed") for r in records))
+    fig, axes = new_figure(len(datasets), figsize=(7.5 * len(datasets), 4))
     for ax, dataset in zip(axes, datasets):
+        recall = dataset == "mqar"
         for r in records:
-            if r["dataset"] == dataset and r["epochs"]:
-                label = r["model"] + (f" seed {r.get('seed')}" if several_seeds else "")
+            if r["dataset"] != dataset or not r["epochs"]:
+                continue
+            label = r["model"] + (f" seed {r.get('seed')}" if len(seeds) > 1 else "")
+            style = dict(color=f"C{models.index(r['model']) % 10}", linestyle=["-", "--", ":", "-."][seeds.index(
+                r.get("seed")) % 4], marker="o", markersize=3, label=label)
+            if recall:  # records written before steps_per_epoch was recorded: epochs
+                steps = r.get("steps_per_epoch", 1)
+                ax.plot([e["epoch"] * steps for e in r["epochs"]], [e.get("recall_accuracy") for e in r["epochs"]],
+                        **style)
+            else:
                 ppl = [e["val_ppl"] if math.isfinite(e["val_ppl"]) else math.nan for e in r["epochs"]]
-                ax.plot([e["epoch"] for e in r["epochs"]], ppl, "o-", label=label)
-        ax.set(title=dataset, xlabel="epoch", ylabel="validation perplexity", yscale="log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+                ax.plot([e["epoch"] for e in r["epochs"]], ppl, **style)
+        if recall:
+            steps = all("steps_per_epoch" in r for r in records if r["dataset"] == dataset)
+            ax.set(title=dataset, xlabel="training step" if steps else "epoch", ylabel="recall accuracy (validation)",
+                   ylim=(0, 1.02))
+        else:
+            ax.set(title=dataset, xlabel="epoch", ylabel="validation perplexity", yscale="log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
@@ -523,7 +541,7 @@ def write_results(records: list[dict], out_dir: Path) -> None:
     if not distributed.is_main():
         return
     atomic_write_json(out_dir / "results.json", records)
-    if any(r["model"] in ("gam", "transformer", "mamba") for r in records):
+    if any(r["model"] in MODEL_NAMES for r in records):
         atomic_write_text(out_dir / "table1.md", table1_markdown(records))
     if len({r["model"] for r in records if r["model"] in GAM_VARIANTS}) > 1:
         atomic_write_text(out_dir / "table3.md", table3_markdown(records))

@@ -7,11 +7,11 @@ ONE block (forward + backward) versus sequence length.
 
 --mode decode: per (model, context length T) point, the language model (ModelConfig defaults,
 BLOCK_SIZE T + 2, untrained weights) in eval mode encodes a T-token context once, then the time
-of one more token through the streaming path (``_stream``, as ``generate`` with ``use_cache``)
+of one more token through the streaming path (``stream``, as ``generate`` with ``use_cache``)
 is measured (median of --iters after --warmup), and the bytes of the decoding state it holds per
 sequence, counted exactly from the tensors (GAM: the last k-1 normalised inputs per layer;
 Transformer: the KV cache of T positions; Mamba: the conv and SSM states). Beside it, for
-T <= --reencode-max-len, the time per token of the non-cached path (``_logits`` on the whole
+T <= --reencode-max-len, the time per token of the non-cached path (``logits`` on the whole
 context, what the paper's model does for every token), as the median of --reencode-reps.
 
 Per (model, sequence length) point: a fresh block from ``baselines.build_block`` in train

@@ -558,3 +558,58 @@ def test_mamba_ssm_streaming_generate_equals_reencoding():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert torch.equal(streamed, reencoded)
+
+
+# ----------------------------------------------------------------------------------------
+# The recall control: a Transformer whose first layers mix by GAM's causal convolution
+
+
+@pytest.mark.parametrize("k, T", [(3, 1), (3, 15), (4, 63), (1, 5)])
+def test_causal_conv_matches_a_naive_loop_in_float64(k, T):
+    """out[t] = bias + sum_j w[j] x[t-(k-1)+j], zero before the sequence; step in chunks too."""
+    torch.manual_seed(k * 100 + T)
+    conv = baselines.CausalConv(tiny_config(CONV_KERNEL_SIZE=k, N_EMBED=8)).double()
+    x = torch.randn(2, T, 8, dtype=torch.float64)
+    w, b = conv.causal_conv.weight[:, 0, :], conv.causal_conv.bias                    # (C, k), (C,)
+    expected = torch.stack([b + sum(w[:, j] * x[:, t - (k - 1) + j] for j in range(k) if t - (k - 1) + j >= 0)
+                            for t in range(T)], dim=1)                                     # (B, T, C)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), expected, atol=1e-12, rtol=1e-12)
+        cache, outs = None, []
+        for start in range(0, T, 2):
+            out, cache = conv.step(x[:, start:start + 2], cache)
+            outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-12, rtol=1e-12)
+    assert cache.shape == (2, k - 1, 8)
+
+
+def test_conv_layers_put_convolutions_first_and_keep_the_plain_transformer_unchanged():
+    cfg = tiny_config(N_LAYER=3)
+    torch.manual_seed(0)
+    plain = build_lm("transformer", cfg, n_head=4)
+    torch.manual_seed(0)
+    zero = build_lm("transformer", cfg, n_head=4, conv_layers=0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), zero.state_dict().values()))
+    control = build_lm("transformer", cfg, n_head=4, conv_layers=1)
+    assert [type(b.mixer).__name__ for b in control.blocks] == ["CausalConv", "CausalSelfAttention",
+                                                                 "CausalSelfAttention"]
+    assert "blocks.0.conv.causal_conv.weight" in control.state_dict() and "blocks.0.attn.c_attn.weight" not in \
+        control.state_dict()
+    assert control.implementation == "transformer-naive-conv1" and control.family_config()["conv_layers"] == 1
+    assert "conv_layers" not in plain.family_config()  # the paper's model saves as before
+    for bad in (-1, 4, True, 1.0):
+        with pytest.raises(ValueError, match="conv_layers must be an integer"):
+            build_lm("transformer", cfg, conv_layers=bad)
+
+
+def test_conv_control_is_causal():
+    torch.manual_seed(3)
+    cfg = tiny_config(DROPOUT=0.0)
+    model = build_lm("transformer", cfg, n_head=4, conv_layers=1).eval()
+    idx = torch.randint(0, cfg.VOCAB_SIZE, (2, 20))
+    idx2 = idx.clone()
+    idx2[:, 13] = (idx[:, 13] + 1) % cfg.VOCAB_SIZE
+    with torch.no_grad():
+        a, b = model(idx)[0], model(idx2)[0]
+    torch.testing.assert_close(a[:, :13], b[:, :13], atol=1e-6, rtol=0)
+    assert (a[:, 13] - b[:, 13]).abs().max() > 1e-4

@@ -35,6 +35,7 @@ MODELS = [
     pytest.param("gam", {"CONV_KERNEL_SIZE": 4, "N_LAYER": 6}, {}, id="gam-rf19-over-block"),
     pytest.param("transformer", {}, {"attention": "naive", "n_head": 4}, id="transformer-naive"),
     pytest.param("transformer", {}, {"attention": "sdpa", "n_head": 2}, id="transformer-sdpa"),
+    pytest.param("transformer", {"N_LAYER": 3}, {"n_head": 2, "conv_layers": 1}, id="transformer-conv1"),
     pytest.param("mamba", {}, {"mamba_impl": "torch"}, id="mamba"),
     pytest.param("mamba", {}, {"mamba_impl": "torch", "mamba_residual": True}, id="mamba-residual"),
 ]
@@ -85,7 +86,8 @@ PROMPTS = [pytest.param(1, 1, id="B1-prompt1"), pytest.param(3, 5, id="B3-prompt
 # Every family and GAM variant with a batch of 3; the main ones at batch 1 and with a long prompt too.
 GREEDY_CASES = [pytest.param(*m.values, *p.values, id=f"{m.id}-{p.id}") for m in MODELS for p in PROMPTS
                 if p.id == "B3-prompt5" or m.id in ("gam", "gam-rf19-over-block", "transformer-naive",
-                                                     "transformer-sdpa", "mamba", "mamba-residual")]
+                                                     "transformer-sdpa", "transformer-conv1", "mamba",
+                                                     "mamba-residual")]
 
 
 @pytest.mark.parametrize("name, flags, kwargs, B, prompt", GREEDY_CASES)
@@ -108,7 +110,7 @@ def test_streaming_equals_reencoding_greedy(name, flags, kwargs, B, prompt, monk
     assert min((a - ref_logits[0]).abs().max() for a in ref_logits[1:]) > 1e-3
 
 
-@pytest.mark.parametrize("name, flags, kwargs", [MODELS[0], MODELS[6], MODELS[8]])
+@pytest.mark.parametrize("name, flags, kwargs", [MODELS[0], MODELS[6], MODELS[8], MODELS[9]])
 def test_streaming_equals_reencoding_sampled(name, flags, kwargs):
     """Temperature sampling with one generator seed: the same tokens on both paths."""
     model = make(name, flags, kwargs)

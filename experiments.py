@@ -1,0 +1,161 @@
+"""Every committed CPU experiment: list them, print their commands, or re-run them.
+
+    python experiments.py                                   # the list: name, folder, cost, what
+    python experiments.py lr-sweep table1-tuned --dry-run   # their commands
+    python experiments.py all --data-dir wikitext2=DIR tinystories=DIR --out-root runs/reproduce
+
+Each experiment is the commands that made one folder under assets/ (its RUN.md says at which
+commit, on what hardware, in what time). A re-run writes under --out-root, never into assets/,
+one command after another at one thread (OMP_NUM_THREADS=1, as the committed runs); it stops
+at the first command that fails, with that command's exit code. Data folders: WikiText-2 raw
+(wiki.{train,valid,test}.raw) and TinyStories (train/validation text files); see the README.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import OneLineParser
+
+# Each model's learning rate at the cpu preset, chosen by validation loss in the sweep
+# (assets/lr-sweep-cpu-wikitext2/lr_sweep.md); the tuned runs use these.
+TUNED_LR = {"transformer": 1e-2, "gam": 1e-1}
+SWEEP_LRS = {"transformer": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
+             "mamba": ["1e-3", "3e-3", "1e-2", "3e-2"],
+             **{m: ["3e-2", "1e-1", "3e-1"] for m in ("gam-global-only", "gam-sum-fusion", "gam-local-only")}}
+CPU = "python benchmark.py --preset cpu --wandb disabled"
+WIKI = CPU + " --data-dir wikitext2={wikitext2}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    folder: str             # under assets/
+    minutes: int            # at one thread on a 2-core Xeon, roughly
+    what: str
+    commands: tuple         # shell-style strings with {wikitext2}, {tinystories}, {out} placeholders
+
+
+def sweep_commands() -> tuple:
+    runs = [f"{WIKI} --models {m} --seeds 1 --lr {lr} --out-dir {{out}}/runs/{m}-lr{lr}"
+            for m, lrs in SWEEP_LRS.items() for lr in lrs]
+    return (*runs, "python benchmark.py --report {out}/runs/*/ --lr-sweep --out-dir {out}/report")
+
+
+def tuned_commands(models: list[str], seeds: str = "1 2 3") -> tuple:
+    runs = [f"{WIKI} --models {m} --seeds {seeds} --lr {TUNED_LR[m]:g} --out-dir {{out}}/{m}" for m in models]
+    return (*runs, "python benchmark.py --report " + " ".join(f"{{out}}/{m}" for m in models) + " --out-dir {out}")
+
+
+EXPERIMENTS = [
+    Experiment("lr-sweep", "lr-sweep-cpu-wikitext2", 300,
+               "each model's learning rate: the cpu preset at 3-6 rates per model, seed 1", sweep_commands()),
+    Experiment("table1-shared-lr", "table1-cpu-wikitext2-3seeds", 45,
+               "Table 1 shape at the preset's one lr (the paper's protocol): Transformer and GAM, 3 seeds",
+               (f"{WIKI} --models transformer gam --seeds 1 2 3 --out-dir {{out}}",)),
+    Experiment("mamba-shared-lr", "mamba-cpu-wikitext2-3seeds", 75,
+               "Mamba at the preset's one lr, 3 seeds", (f"{WIKI} --models mamba --seeds 1 2 3 --out-dir {{out}}",)),
+    Experiment("ablation-shared-lr", "ablation-cpu-wikitext2", 50,
+               "Table 3 variants at the preset's one lr, 3 seeds",
+               (f"{WIKI} --models gam-global-only gam-sum-fusion gam-local-only --seeds 1 2 3 --out-dir {{out}}",)),
+    Experiment("tinystories-shared-lr", "tinystories-cpu-3seeds", 45,
+               "TinyStories, Transformer and GAM at the preset's one lr, 3 seeds",
+               (f"{CPU} --datasets tinystories --data-dir tinystories={{tinystories}} --models transformer gam "
+                "--seeds 1 2 3 --out-dir {out}",)),
+    Experiment("long", "long-cpu-wikitext2", 60, "Transformer and GAM over 3 full epochs",
+               (f"{WIKI} --models transformer --max-train-blocks 1000000 --epochs 3 --out-dir {{out}}/transformer",
+                f"{WIKI} --models gam --max-train-blocks 1000000 --epochs 3 --out-dir {{out}}/gam",
+                "python benchmark.py --report {out}/transformer {out}/gam --out-dir {out}")),
+    Experiment("recall", "recall-cpu-preset", 15, "associative recall (MQAR): the recall preset, 3 models",
+               ("python benchmark.py --preset recall --wandb disabled --out-dir {out}",)),
+    Experiment("unigram", "unigram-wikitext2", 2, "the unigram reference PPL at the paper's tokenizer",
+               ("python benchmark.py --preset paper --datasets wikitext2 --data-dir wikitext2={wikitext2} "
+                "--unigram-only --tokenizer-splits train --out-dir {out}/tokenizer-train",
+                "python benchmark.py --preset paper --datasets wikitext2 --data-dir wikitext2={wikitext2} "
+                "--unigram-only --tokenizer-splits all --out-dir {out}/tokenizer-all")),
+    Experiment("speed-paper", "speed-paper-cpu", 5, "training step time of the paper-size GAM and Transformer",
+               ("python benchmark.py --models gam transformer --datasets wikitext2 --speed-steps 10 --wandb disabled "
+                "--out-dir {out}",)),
+    Experiment("dtype", "dtype-cpu", 3, "cpu preset step time in fp32 and bf16",
+               (f"{CPU} --speed-steps 10 --dtype fp32 --out-dir {{out}}/fp32",
+                f"{CPU} --speed-steps 10 --dtype bf16 --out-dir {{out}}/bf16")),
+    Experiment("compile", "compile-cpu", 5, "cpu preset step time, eager and torch.compile",
+               (f"{CPU} --models gam transformer --speed-steps 10 --compile --out-dir {{out}}/compiled",
+                f"{CPU} --models gam transformer --speed-steps 10 --out-dir {{out}}/eager")),
+    Experiment("scale", "scale-cpu", 5, "Table 2 on CPU: one block, forward + backward, 256-2048 tokens",
+               ("python scale.py --device cpu --batch-size 2 --seq-lens 256 512 1024 2048 --out-dir {out}",)),
+    Experiment("decode", "decode-cpu", 20, "time and state per generated token against context length",
+               ("python scale.py --mode decode --device cpu --threads 1 --models gam transformer mamba --seq-lens 256 "
+                "512 1024 2048 4096 8192 --warmup 3 --iters 10 --reencode-max-len 1024 --reencode-reps 2 "
+                "--out-dir {out}",)),
+    Experiment("perf", "perf-cpu", 5, "GAM block memory and time, generation speed",
+               ("python perf.py --threads 1 --out-dir {out}",)),
+]
+BY_NAME = {e.name: e for e in EXPERIMENTS}
+# Folders under assets/ that no command re-makes: explorations kept as they were written, and
+# runs of an older recall preset (their RUN.md gives the command and commit).
+NOT_RERUN = {"recall-explore", "recall-cpu", "recall-cpu-preset-2threads", "benchmark-cpu-wikitext2",
+             "table1-cpu-wikitext2-all"}
+
+
+def expand(command: str, out: Path, data_dirs: dict) -> list[str]:
+    """A command with its placeholders filled in, as an argv (globs expanded as a shell would)."""
+    text = command.format(out=shlex.quote(str(out)), **{k: shlex.quote(v) for k, v in data_dirs.items()})
+    argv = shlex.split(text)
+    return [p for a in argv for p in ((sorted(glob.glob(a)) or [a]) if "*" in a else [a])]
+
+
+def parse_args(argv=None):
+    p = OneLineParser(prog="experiments.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (or 'all'); none: list them")
+    p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    p.add_argument("--data-dir", nargs="+", default=[], metavar="NAME=DIR",
+                   help="wikitext2=DIR (wiki.*.raw) and tinystories=DIR, for the experiments that need them")
+    p.add_argument("--out-root", default="runs/reproduce", help="each experiment writes to OUT_ROOT/<its folder>")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n != "all" and n not in BY_NAME]
+    if unknown:
+        p.error(f"unknown experiment {unknown[0]!r}; choose from: all, {', '.join(BY_NAME)}")
+    pairs = [d.partition("=") for d in args.data_dir]
+    if any(not sep or name not in ("wikitext2", "tinystories") for name, sep, _ in pairs):
+        p.error("--data-dir takes wikitext2=DIR and tinystories=DIR")
+    args.data_dirs = {"wikitext2": "<wikitext-2-raw folder>", "tinystories": "<tinystories folder>",
+                      **{name: str(Path(path).resolve()) for name, _, path in pairs}}
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    chosen = EXPERIMENTS if "all" in args.names else [BY_NAME[n] for n in args.names]
+    if not chosen:
+        for e in EXPERIMENTS:
+            print(f"{e.name:22} assets/{e.folder:30} ~{e.minutes:>3} min  {e.what}")
+        print(f"\nNot re-run by a command here: {', '.join(sorted(NOT_RERUN))} (see each RUN.md).")
+        return 0
+    missing = sorted({k for e in chosen for c in e.commands for k in ("wikitext2", "tinystories")
+                      if "{" + k + "}" in c and args.data_dirs[k].startswith("<")})
+    if missing and not args.dry_run:  # found before hours of other experiments have run
+        print(f"experiments.py: error: {', '.join(e.name for e in chosen if any('{' + missing[0] + '}' in c for c in e.commands))} "
+              f"needs --data-dir {missing[0]}=DIR", file=sys.stderr)
+        return 2
+    for e in chosen:
+        for command in e.commands:
+            argv_ = expand(command, Path(args.out_root) / e.folder, args.data_dirs)
+            if args.dry_run:
+                print(f"OMP_NUM_THREADS=1 {shlex.join(argv_)}")
+                continue
+            print(f"[{e.name}] {shlex.join(argv_)}", flush=True)
+            code = subprocess.call([sys.executable, *argv_[1:]], env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if code:
+                print(f"experiments.py: {e.name} stopped: exit {code} from {shlex.join(argv_)}", file=sys.stderr)
+                return code
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

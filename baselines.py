@@ -197,10 +197,12 @@ class TransformerBlock(nn.Module):
     """GPT-style pre-norm block: (B, T, C) -> (B, T, C).
 
     ``x = x + attn(ln_1(x)); x = x + ffn(ln_2(x))`` with the same FFN as the GAM block.
-    ``mixer="conv"`` puts a CausalConv (``conv``) where the attention (``attn``) is.
+    ``mixer="conv"`` puts a CausalConv (``conv``) where the attention (``attn``) is; ``ffn=False``
+    leaves the FFN sublayer out (``ffn`` is None).
     """
 
-    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive", mixer: str = "attention"):
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive", mixer: str = "attention",
+                 ffn: bool = True):
         super().__init__()
         C = config.N_EMBED
         self.ln_1 = nn.LayerNorm(C)
@@ -208,8 +210,8 @@ class TransformerBlock(nn.Module):
             self.conv = CausalConv(config)
         else:
             self.attn = CausalSelfAttention(config, n_head=n_head, attention=attention)
-        self.ln_2 = nn.LayerNorm(C)
-        self.ffn = feed_forward(C, config.DROPOUT)  # the same FFN as GAMBlock
+        self.ln_2 = nn.LayerNorm(C) if ffn else None
+        self.ffn = feed_forward(C, config.DROPOUT) if ffn else None  # the same FFN as GAMBlock
 
     @property
     def mixer(self) -> nn.Module:
@@ -217,14 +219,14 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.ln_1(x))                                       # (B, T, C)
-        return x + self.ffn(self.ln_2(x))                                      # (B, T, C)
+        return x if self.ffn is None else x + self.ffn(self.ln_2(x))           # (B, T, C)
 
     def step(self, x: torch.Tensor, cache) -> tuple[torch.Tensor, list]:
         """``forward`` at the next positions x (B, T', C) with the mixer's cache (attention: a KV
         cache, see CausalSelfAttention.step; conv: the last k-1 inputs)."""
         a, cache = self.mixer.step(self.ln_1(x), cache)
         x = x + a                                                              # (B, T', C)
-        return x + self.ffn(self.ln_2(x)), cache
+        return (x if self.ffn is None else x + self.ffn(self.ln_2(x))), cache
 
 
 class TransformerLM(CausalLM):
@@ -236,20 +238,31 @@ class TransformerLM(CausalLM):
     ``conv_layers=n``: the first n blocks mix tokens with GAM's causal convolution instead of
     attention (``CausalConv``): a control for recall, in which the convolution carries each key
     to its value's position and the attention above it looks the key up, as in Zoology's
-    MQAR baselines (a short convolution, then attention). Not the paper's model.
+    MQAR baselines (a short convolution, then attention). ``embedding_std``: the token (and so
+    the tied head) and position embeddings drawn from N(0, std) instead of the paper's init,
+    whose N(0, 1) positions swamp the token signal at the start. ``ffn=False``: blocks without
+    their FFN sublayer. None of these is the paper's model.
     """
 
     family = "transformer"
 
-    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive", conv_layers: int = 0):
+    def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive", conv_layers: int = 0,
+                 embedding_std: float | None = None, ffn: bool = True):
         if isinstance(conv_layers, bool) or not isinstance(conv_layers, int) or not 0 <= conv_layers <= config.N_LAYER:
             raise ValueError(f"conv_layers must be an integer in [0, N_LAYER={config.N_LAYER}], got {conv_layers!r}")
+        if embedding_std is not None and (isinstance(embedding_std, bool) or not isinstance(embedding_std, (int, float))
+                                          or not 0 < embedding_std < math.inf):
+            raise ValueError(f"embedding_std must be a positive number or None, got {embedding_std!r}")
         mixers = iter(["conv"] * conv_layers + ["attention"] * (config.N_LAYER - conv_layers))
+        if not isinstance(ffn, bool):
+            raise ValueError(f"ffn must be True or False, got {ffn!r}")
         super().__init__(config, lambda: TransformerBlock(config, n_head=n_head, attention=attention,
-                                                          mixer=next(mixers)))
-        self.n_head = n_head
-        self.attention = attention
-        self.conv_layers = conv_layers
+                                                          mixer=next(mixers), ffn=ffn))
+        self.n_head, self.attention, self.use_ffn = n_head, attention, ffn
+        self.conv_layers, self.embedding_std = conv_layers, embedding_std
+        if embedding_std is not None:  # drawn after the blocks: a plain Transformer's draws are unchanged
+            for embedding in (self.token_embedding, self.pos_embedding):  # the token one is the head's too
+                nn.init.normal_(embedding.weight, std=embedding_std)
 
     @property
     def implementation(self) -> str:
@@ -258,7 +271,9 @@ class TransformerLM(CausalLM):
 
     def family_config(self) -> dict:
         return {"n_head": self.n_head, "attention": self.attention,
-                **({"conv_layers": self.conv_layers} if self.conv_layers else {})}
+                **({"conv_layers": self.conv_layers} if self.conv_layers else {}),
+                **({"embedding_std": self.embedding_std} if self.embedding_std is not None else {}),
+                **({"ffn": False} if not self.use_ffn else {})}
 
 
 # ----------------------------------------------------------------------------------------
@@ -508,6 +523,8 @@ def build_lm(
     mamba_residual: bool = False,
     mamba_impl: str = "auto",
     conv_layers: int = 0,
+    embedding_std: float | None = None,
+    ffn: bool = True,
     device=None,
 ) -> CausalLM:
     """One of the paper's language models, moved to ``device`` when given.
@@ -523,7 +540,8 @@ def build_lm(
     if name not in FAMILIES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
     options = {  # the constructor arguments of the families that take any
-        "transformer": dict(n_head=n_head, attention=attention, conv_layers=conv_layers),
+        "transformer": dict(n_head=n_head, attention=attention, conv_layers=conv_layers, embedding_std=embedding_std,
+                            ffn=ffn),
         "mamba": dict(d_state=d_state, d_conv=d_conv, expand=expand, residual=mamba_residual,
                       impl=mamba_impl, device=device),
     }

@@ -342,9 +342,9 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 def build_model(cfg: dict, model_name: str, vocab_size: int, device: torch.device, mamba_impl: str):
     mc = model_config(cfg, model_name, vocab_size)
     family, options = family_of(model_name)
-    model = build_lm(family, mc, n_head=cfg["n_head"], attention=cfg["attention"],
-                     d_state=cfg["d_state"], d_conv=cfg["d_conv"], expand=cfg["expand"],
-                     mamba_residual=cfg["mamba_residual"], mamba_impl=mamba_impl, device=device, **options)
+    kwargs = dict(n_head=cfg["n_head"], attention=cfg["attention"], d_state=cfg["d_state"], d_conv=cfg["d_conv"],
+                  expand=cfg["expand"], mamba_residual=cfg["mamba_residual"], mamba_impl=mamba_impl)
+    model = build_lm(family, mc, device=device, **{**kwargs, **options})  # a control's options win
     return model.to(device), mc
 
 

@@ -25,10 +25,14 @@ from common import OneLineParser
 
 # Each model's learning rate at the cpu preset, chosen by validation loss in the sweep
 # (assets/lr-sweep-cpu-wikitext2/lr_sweep.md); the tuned runs use these.
-TUNED_LR = {"transformer": 1e-2, "gam": 1e-1}
+TUNED_LR = {"transformer": "1e-2", "gam": "1e-1"}
 SWEEP_LRS = {"transformer": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
              "mamba": ["1e-3", "3e-3", "1e-2", "3e-2"],
              **{m: ["3e-2", "1e-1", "3e-1"] for m in ("gam-global-only", "gam-sum-fusion", "gam-local-only")}}
+# The recall preset's sweep, and each model's best by validation loss in it.
+RECALL_SWEEP = {m: ["1e-3", "3e-3", "1e-2"] for m in ("conv-attention", "gam", "transformer", "mamba")}
+RECALL_LR = {"conv-attention": "3e-3"}
+RECALL = "python benchmark.py --preset recall --wandb disabled"
 CPU = "python benchmark.py --preset cpu --wandb disabled"
 WIKI = CPU + " --data-dir wikitext2={wikitext2}"
 
@@ -48,8 +52,19 @@ def sweep_commands() -> tuple:
     return (*runs, "python benchmark.py --report {out}/runs/*/ --lr-sweep --out-dir {out}/report")
 
 
+def recall_commands() -> tuple:
+    """The recall preset per model: a learning-rate sweep at seed 1, then seeds 2 and 3 at each
+    model's best (RECALL_LR), then one report of the 3-seed runs."""
+    sweep = [f"{RECALL} --models {m} --seeds 1 --lr {lr} --out-dir {{out}}/sweep/{m}-lr{lr}"
+             for m, lrs in RECALL_SWEEP.items() for lr in lrs]
+    seeds = [f"{RECALL} --models {m} --seeds 2 3 --lr {lr} --out-dir {{out}}/{m}-seeds23" for m, lr in RECALL_LR.items()]
+    best = " ".join(f"{{out}}/sweep/{m}-lr{lr} {{out}}/{m}-seeds23" for m, lr in RECALL_LR.items())
+    return (*sweep, *seeds, f"python benchmark.py --report {best} --out-dir {{out}}/report",
+            "python benchmark.py --report {out}/sweep/*/ --lr-sweep --out-dir {out}/sweep-report")
+
+
 def tuned_commands(models: list[str], seeds: str = "1 2 3") -> tuple:
-    runs = [f"{WIKI} --models {m} --seeds {seeds} --lr {TUNED_LR[m]:g} --out-dir {{out}}/{m}" for m in models]
+    runs = [f"{WIKI} --models {m} --seeds {seeds} --lr {TUNED_LR[m]} --out-dir {{out}}/{m}" for m in models]
     return (*runs, "python benchmark.py --report " + " ".join(f"{{out}}/{m}" for m in models) + " --out-dir {out}")
 
 
@@ -72,8 +87,9 @@ EXPERIMENTS = [
                (f"{WIKI} --models transformer --max-train-blocks 1000000 --epochs 3 --out-dir {{out}}/transformer",
                 f"{WIKI} --models gam --max-train-blocks 1000000 --epochs 3 --out-dir {{out}}/gam",
                 "python benchmark.py --report {out}/transformer {out}/gam --out-dir {out}")),
-    Experiment("recall", "recall-cpu-preset", 15, "associative recall (MQAR): the recall preset, 3 models",
-               ("python benchmark.py --preset recall --wandb disabled --out-dir {out}",)),
+    Experiment("recall", "recall-cpu-control", 60,
+               "associative recall (MQAR): the attention control, Transformer, Mamba and GAM, each at its own lr",
+               recall_commands()),
     Experiment("unigram", "unigram-wikitext2", 2, "the unigram reference PPL at the paper's tokenizer",
                ("python benchmark.py --preset paper --datasets wikitext2 --data-dir wikitext2={wikitext2} "
                 "--unigram-only --tokenizer-splits train --out-dir {out}/tokenizer-train",
@@ -100,8 +116,8 @@ EXPERIMENTS = [
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 # Folders under assets/ that no command re-makes: explorations kept as they were written, and
 # runs of an older recall preset (their RUN.md gives the command and commit).
-NOT_RERUN = {"recall-explore", "recall-cpu", "recall-cpu-preset-2threads", "benchmark-cpu-wikitext2",
-             "table1-cpu-wikitext2-all"}
+NOT_RERUN = {"recall-explore", "recall-cpu", "recall-cpu-preset", "recall-cpu-preset-2threads",
+             "benchmark-cpu-wikitext2", "table1-cpu-wikitext2-all"}
 
 
 def expand(command: str, out: Path, data_dirs: dict) -> list[str]:

@@ -613,3 +613,35 @@ def test_conv_control_is_causal():
         a, b = model(idx)[0], model(idx2)[0]
     torch.testing.assert_close(a[:, :13], b[:, :13], atol=1e-6, rtol=0)
     assert (a[:, 13] - b[:, 13]).abs().max() > 1e-4
+
+
+def test_embedding_std_redraws_token_and_position_embeddings_only():
+    cfg = tiny_config(N_EMBED=64, BLOCK_SIZE=200, VOCAB_SIZE=300)
+    torch.manual_seed(0)
+    plain = build_lm("transformer", cfg, n_head=4)
+    torch.manual_seed(0)
+    small = build_lm("transformer", cfg, n_head=4, embedding_std=0.02)
+    for name, p in small.named_parameters():
+        if "embedding" in name:
+            assert abs(p.std().item() - 0.02) < 0.002, name
+        else:  # the blocks draw first, as without the option
+            assert torch.equal(p, dict(plain.named_parameters())[name]), name
+    assert small.head.weight is small.token_embedding.weight  # still tied
+    assert plain.pos_embedding.weight.std().item() > 0.5  # the paper's N(0, 1)
+    assert small.family_config()["embedding_std"] == 0.02 and "embedding_std" not in plain.family_config()
+    for bad in (0, -1.0, float("nan"), True, "0.02"):
+        with pytest.raises(ValueError, match="embedding_std must be a positive number"):
+            build_lm("transformer", cfg, embedding_std=bad)
+
+
+def test_ffn_false_leaves_the_ffn_sublayer_out():
+    cfg = tiny_config(DROPOUT=0.0)
+    model = build_lm("transformer", cfg, n_head=4, ffn=False).eval()
+    assert all(b.ffn is None and b.ln_2 is None for b in model.blocks)
+    assert not any(".ffn." in k or ".ln_2." in k for k in model.state_dict())
+    block, x = model.blocks[0], torch.randn(2, 7, cfg.N_EMBED)
+    with torch.no_grad():  # the block is the attention residual alone
+        torch.testing.assert_close(block(x), x + block.attn(block.ln_1(x)))
+    assert model.family_config()["ffn"] is False
+    with pytest.raises(ValueError, match="ffn must be True or False"):
+        build_lm("transformer", cfg, ffn="no")

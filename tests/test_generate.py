@@ -36,6 +36,8 @@ MODELS = [
     pytest.param("transformer", {}, {"attention": "naive", "n_head": 4}, id="transformer-naive"),
     pytest.param("transformer", {}, {"attention": "sdpa", "n_head": 2}, id="transformer-sdpa"),
     pytest.param("transformer", {"N_LAYER": 3}, {"n_head": 2, "conv_layers": 1}, id="transformer-conv1"),
+    pytest.param("transformer", {}, {"n_head": 1, "conv_layers": 1, "ffn": False, "embedding_std": 0.02},
+                 id="conv-attention-control"),
     pytest.param("mamba", {}, {"mamba_impl": "torch"}, id="mamba"),
     pytest.param("mamba", {}, {"mamba_impl": "torch", "mamba_residual": True}, id="mamba-residual"),
 ]
@@ -86,8 +88,8 @@ PROMPTS = [pytest.param(1, 1, id="B1-prompt1"), pytest.param(3, 5, id="B3-prompt
 # Every family and GAM variant with a batch of 3; the main ones at batch 1 and with a long prompt too.
 GREEDY_CASES = [pytest.param(*m.values, *p.values, id=f"{m.id}-{p.id}") for m in MODELS for p in PROMPTS
                 if p.id == "B3-prompt5" or m.id in ("gam", "gam-rf19-over-block", "transformer-naive",
-                                                     "transformer-sdpa", "transformer-conv1", "mamba",
-                                                     "mamba-residual")]
+                                                     "transformer-sdpa", "transformer-conv1",
+                                                     "conv-attention-control", "mamba", "mamba-residual")]
 
 
 @pytest.mark.parametrize("name, flags, kwargs, B, prompt", GREEDY_CASES)
@@ -110,7 +112,7 @@ def test_streaming_equals_reencoding_greedy(name, flags, kwargs, B, prompt, monk
     assert min((a - ref_logits[0]).abs().max() for a in ref_logits[1:]) > 1e-3
 
 
-@pytest.mark.parametrize("name, flags, kwargs", [MODELS[0], MODELS[6], MODELS[8], MODELS[9]])
+@pytest.mark.parametrize("name, flags, kwargs", [MODELS[0], MODELS[6], MODELS[8], MODELS[9], MODELS[10]])
 def test_streaming_equals_reencoding_sampled(name, flags, kwargs):
     """Temperature sampling with one generator seed: the same tokens on both paths."""
     model = make(name, flags, kwargs)

@@ -33,6 +33,7 @@ MODELS = {  # name -> (class, ModelConfig overrides, constructor arguments)
     "gam-local-only-k4": (GAM_Model, dict(USE_GATE=False, USE_GLOBAL=False, CONV_KERNEL_SIZE=4), {}),
     "transformer": (TransformerLM, {}, dict(n_head=4, attention="naive")),
     "transformer-conv1": (TransformerLM, {}, dict(n_head=2, attention="sdpa", conv_layers=1)),
+    "conv-attention-control": (TransformerLM, {}, dict(n_head=1, conv_layers=1, ffn=False, embedding_std=0.02)),
     "mamba": (MambaLM, {}, dict(d_state=4, d_conv=3, expand=2, impl="torch")),
     "mamba-residual": (MambaLM, {}, dict(d_state=4, expand=2, residual=True, impl="torch")),
 }

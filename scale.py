@@ -61,7 +61,7 @@ from tqdm import tqdm
 from baselines import BLOCK_NAMES, build_block, build_lm
 from gam_model import ModelConfig
 from common import (DTYPES, MIB, OneLineParser, atomic_write_text, autocast_context, free_memory, int_at_least, is_oom,
-                    run_metadata)
+                    run_metadata, sync)
 from report import PAPER_TABLE2, new_figure, save_figure
 
 MODELS = BLOCK_NAMES  # gam, transformer (naive attention), transformer-sdpa, mamba
@@ -263,11 +263,23 @@ class CpuPeakRss:
         return max(0.0, peak - self.base) / 1024
 
 
+def primed_cpu_peak(block, seq_len, args) -> CpuPeakRss:
+    """One tiny untimed pass first, so that one-off runtime state (kernel code pages, thread
+    pools: 15-30 MiB measured) lands in the baseline, not in this length's number; then the
+    peak-RSS meter, its baseline taken now."""
+    x_dtype = DTYPES[args.dtype]
+    with autocast_context(args.dtype, args.device):
+        prime = block(torch.randn(1, min(seq_len, 8), args.d_model, dtype=x_dtype, requires_grad=True))
+    prime.sum().backward()
+    del prime
+    block.zero_grad(set_to_none=True)
+    return CpuPeakRss()
+
+
 def bench_point(name, seq_len, args) -> dict:
     """Time and memory of one (model, seq_len) point in THIS process. Raises on OOM."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -277,16 +289,7 @@ def bench_point(name, seq_len, args) -> dict:
         block = torch.compile(block)  # compiled in the first call of each shape (priming, warm-up)
     x_dtype = DTYPES[args.dtype]  # the author feeds fp16 under autocast
     x = torch.randn(args.batch_size, seq_len, args.d_model, device=device, dtype=x_dtype, requires_grad=True)
-    cpu_peak = None
-    if not cuda:
-        # One tiny untimed pass first, so that one-off runtime state (kernel code pages,
-        # thread pools: 15-30 MiB measured) lands in the baseline, not in this length's number.
-        with autocast_context(args.dtype, args.device):
-            prime = block(torch.randn(1, min(seq_len, 8), args.d_model, dtype=x_dtype, requires_grad=True))
-        prime.sum().backward()
-        del prime
-        block.zero_grad(set_to_none=True)
-        cpu_peak = CpuPeakRss()
+    cpu_peak = None if cuda else primed_cpu_peak(block, seq_len, args)
 
     n_total, timed, all_dts = args.warmup + args.iters, [], []
     t_start = time.perf_counter()
@@ -294,17 +297,17 @@ def bench_point(name, seq_len, args) -> dict:
         block.zero_grad(set_to_none=True)
         x.grad = None
         if i == args.warmup and cuda:  # the peak is that of the timed iterations, as the author's
-            sync()
+            sync(device)
             torch.cuda.reset_peak_memory_stats(device)
         elif i == args.warmup:
             cpu_peak.reset_peak()  # the baseline stays the RSS before the warm-up
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         with autocast_context(args.dtype, args.device):
             out = block(x)
             loss = out.sum()
         loss.backward()
-        sync()
+        sync(device)
         dt = time.perf_counter() - t0
         del out, loss
         all_dts.append(dt)
@@ -352,14 +355,14 @@ def state_bytes(state) -> int:
     return sum(state_bytes(s) for s in state)
 
 
-def time_calls(fn, warmup, iters, sync) -> list[float]:
+def time_calls(fn, warmup, iters, device) -> list[float]:
     """Seconds of each of ``iters`` calls of fn, after ``warmup`` untimed ones."""
     out = []
     for i in range(warmup + iters):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         if i >= warmup:
             out.append(time.perf_counter() - t0)
     return out
@@ -369,7 +372,6 @@ def time_calls(fn, warmup, iters, sync) -> list[float]:
 def bench_decode_point(name, context_len, args) -> dict:
     """One generated token after a context of ``context_len`` tokens: streaming vs re-encoding."""
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -379,7 +381,7 @@ def bench_decode_point(name, context_len, args) -> dict:
     res = {"status": "ok", "implementation": getattr(model, "implementation", name)}
     with autocast_context(args.dtype, args.device):
         if context_len <= args.reencode_max_len:  # the paper's path: the whole context per token
-            s = time_calls(lambda: model.logits(ids[:, 1:])[:, -1], 1, args.reencode_reps, sync)
+            s = time_calls(lambda: model.logits(ids[:, 1:])[:, -1], 1, args.reencode_reps, device)
             res["reencode_ms_median"] = statistics.median(s) * 1000
         _, states = model.stream(context, 0, [None] * len(model.blocks))    # encode the context once
         total = sum(state_bytes(st) for st in states)
@@ -387,7 +389,7 @@ def bench_decode_point(name, context_len, args) -> dict:
         # (a KV cache grows by doubling); each timed call then decodes position T + 1 again.
         _, states = model.stream(new, context_len, states)
         ms = [t * 1000 for t in time_calls(lambda: model.stream(new, context_len + 1, states),
-                                           args.warmup, args.iters, sync)]
+                                           args.warmup, args.iters, device)]
     res.update(time_ms_median=statistics.median(ms), time_ms_min=min(ms), time_ms_max=max(ms),
                time_ms_mean=statistics.fmean(ms), state_bytes_per_seq=total // args.batch_size,
                state_mb=total / args.batch_size / MIB)

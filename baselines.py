@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, feed_forward
+from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, check_config, feed_forward
 
 try:  # the official fused kernels; CUDA-only to install, and a broken CUDA build can fail at import
     from mamba_ssm import Mamba
@@ -248,6 +248,7 @@ class TransformerLM(CausalLM):
 
     def __init__(self, config: ModelConfig, n_head: int = 8, attention: str = "naive", conv_layers: int = 0,
                  embedding_std: float | None = None, ffn: bool = True):
+        check_config(config)  # before conv_layers is checked against it
         if isinstance(conv_layers, bool) or not isinstance(conv_layers, int) or not 0 <= conv_layers <= config.N_LAYER:
             raise ValueError(f"conv_layers must be an integer in [0, N_LAYER={config.N_LAYER}], got {conv_layers!r}")
         if embedding_std is not None and (isinstance(embedding_std, bool) or not isinstance(embedding_std, (int, float))

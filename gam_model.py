@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-__all__ = ["ModelConfig", "BLOCK_IMPLS", "GAMBlock", "CausalLM", "GAM_Model", "feed_forward"]
+__all__ = ["ModelConfig", "check_config", "BLOCK_IMPLS", "GAMBlock", "CausalLM", "GAM_Model", "feed_forward"]
 
 
 _INT_FIELDS = ("VOCAB_SIZE", "BLOCK_SIZE", "N_EMBED", "N_LAYER", "NUM_MEMORY_SLOTS", "CONV_KERNEL_SIZE")
@@ -104,6 +104,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_config(config) -> None:
+    """A model is built from a ModelConfig, nothing else (a dict or None would fail later, obscurely)."""
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig (for a dict d: ModelConfig(**d)), got {type(config).__name__}")
 
 
 def feed_forward(n_embed: int, dropout: float) -> nn.Sequential:
@@ -479,6 +485,7 @@ class CausalLM(nn.Module):
     implementation: str  # "gam", "transformer-naive", ...: likewise
 
     def __init__(self, config: ModelConfig, make_block: Callable[[], nn.Module]):
+        check_config(config)
         super().__init__()
         self.config = config
         C = config.N_EMBED
@@ -686,34 +693,45 @@ class CausalLM(nn.Module):
         ``_reencode_len`` tokens of the window are re-encoded at their window positions
         (GAM: its receptive field, exact by construction; the baselines: the whole window).
         """
-        _check_sampling_args(max_new_tokens, temperature, top_k)
+        _check_sampling_args(max_new_tokens, temperature, top_k, generator)
         idx = self._check_idx(idx, check_length=False)  # longer prompts are cropped below
         if idx.shape[1] == 0:
             raise ValueError("idx must hold at least one token to condition on, got seq_len 0")
         if self.check_inputs:
             self._check_values(idx, None)  # the whole prompt, not only the cropped window
-        block_size = self.config.BLOCK_SIZE
-        streaming = self.use_cache and self._can_stream()
-        states = None
-        for _ in range(int(max_new_tokens)):
-            length = idx.shape[1]
+        out = _output_ids(idx, int(max_new_tokens))                          # (B, T0 + new)
+        block_size, streaming, states = self.config.BLOCK_SIZE, self.use_cache and self._can_stream(), None
+        for length in range(idx.shape[1], out.shape[1]):
+            seq = out[:, :length]                                            # (B, length)
             if not streaming:                                                # the reference
-                context = idx[:, -block_size:]                               # (B, <=BLOCK_SIZE)
-                logits = self.logits(context)[:, -1, :]                      # (B, V)
+                logits = self.logits(seq[:, -block_size:])[:, -1, :]         # (B, V)
             elif length <= block_size:
                 if states is None:                                           # the prompt, once
-                    logits, states = self.stream(idx, 0, [None] * len(self.blocks))
+                    logits, states = self.stream(seq, 0, [None] * len(self.blocks))
                 else:                                                        # the newest token
-                    logits, states = self.stream(idx[:, -1:], length - 1, states)
+                    logits, states = self.stream(seq[:, -1:], length - 1, states)
             else:                   # cropped window: its last n tokens sit at BLOCK_SIZE-n..
                 n = min(self._reencode_len, block_size)
-                logits = self.head(self._hidden(idx[:, -n:], start=block_size - n)[:, -1])
-            next_id = _sample(logits, temperature, top_k, generator)         # (B, 1)
-            idx = torch.cat([idx, next_id], dim=1)
-        return idx
+                logits = self.head(self._hidden(seq[:, -n:], start=block_size - n)[:, -1])
+            out[:, length] = _sample(logits, temperature, top_k, generator)[:, 0]
+        return out
 
 
-def _check_sampling_args(max_new_tokens, temperature, top_k) -> None:
+def _output_ids(idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The (B, T0 + max_new_tokens) output, allocated once with the prompt in front: a request
+    whose ids alone do not fit in memory is refused now, not after hours of decoding."""
+    B, T0 = idx.shape
+    try:
+        out = idx.new_empty(B, T0 + max_new_tokens)
+    except (RuntimeError, MemoryError):
+        gib = B * (T0 + max_new_tokens) * idx.element_size() / 2**30
+        raise ValueError(f"max_new_tokens={max_new_tokens}: the output ids alone need {gib:,.0f} GiB, more "
+                         "than can be allocated; generate fewer tokens (in several calls if needed)") from None
+    out[:, :T0] = idx
+    return out
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, generator=None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
@@ -723,6 +741,8 @@ def _check_sampling_args(max_new_tokens, temperature, top_k) -> None:
         )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be None or a torch.Generator (on the model's device), got {generator!r}")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,

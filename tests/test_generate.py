@@ -239,3 +239,22 @@ def test_float32_streaming_tokens_match_at_paper_width():
     streamed = model.generate(idx, 25, top_k=1)
     model.use_cache = False
     assert torch.equal(streamed, model.generate(idx, 25, top_k=1))
+
+
+def test_generate_refuses_what_it_cannot_do_before_decoding():
+    """A generator that is not one, and an output that cannot be allocated (10**12 tokens), are
+    ValueErrors naming the fix, raised before any token is decoded; 0 new tokens is the prompt."""
+    model = make("gam", {}, {})
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="generator must be None or a torch.Generator"):
+        model.generate(idx, 2, generator="seed")
+    with pytest.raises(ValueError, match="output ids alone need .* GiB.*generate fewer tokens"):
+        model.generate(idx, 10**12)
+    assert torch.equal(model.generate(idx, 0), idx)
+
+
+@pytest.mark.parametrize("bad", [None, {"N_EMBED": 16}, "ModelConfig()"])
+def test_a_model_needs_a_model_config(bad):
+    for build in (GAM_Model, lambda c: build_lm("transformer", c), lambda c: build_lm("mamba", c, mamba_impl="torch")):
+        with pytest.raises(ValueError, match=r"config must be a ModelConfig \(for a dict d: ModelConfig\(\*\*d\)\)"):
+            build(bad)

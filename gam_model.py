@@ -700,21 +700,32 @@ class CausalLM(nn.Module):
         if self.check_inputs:
             self._check_values(idx, None)  # the whole prompt, not only the cropped window
         out = _output_ids(idx, int(max_new_tokens))                          # (B, T0 + new)
-        block_size, streaming, states = self.config.BLOCK_SIZE, self.use_cache and self._can_stream(), None
+        streaming, states = self.use_cache and self._can_stream(), None
         for length in range(idx.shape[1], out.shape[1]):
-            seq = out[:, :length]                                            # (B, length)
-            if not streaming:                                                # the reference
-                logits = self.logits(seq[:, -block_size:])[:, -1, :]         # (B, V)
-            elif length <= block_size:
-                if states is None:                                           # the prompt, once
-                    logits, states = self.stream(seq, 0, [None] * len(self.blocks))
-                else:                                                        # the newest token
-                    logits, states = self.stream(seq[:, -1:], length - 1, states)
-            else:                   # cropped window: its last n tokens sit at BLOCK_SIZE-n..
-                n = min(self._reencode_len, block_size)
-                logits = self.head(self._hidden(seq[:, -n:], start=block_size - n)[:, -1])
+            logits, states = self.next_logits(out[:, :length], states, streaming)  # (B, V)
             out[:, length] = _sample(logits, temperature, top_k, generator)[:, 0]
         return out
+
+    def next_logits(self, idx: torch.Tensor, states, streaming: bool) -> tuple[torch.Tensor, list | None]:
+        """What ``generate`` computes per new token: the logits (B, V) of the token after idx
+        (B, T) long ids, and the decoding states after idx (None where none is kept).
+
+        ``streaming=False``: the last logits of ``forward`` on idx cropped to its last
+        BLOCK_SIZE tokens (the reference). ``streaming=True`` (every block needs a decoding
+        step): while idx fits in BLOCK_SIZE, ``states`` are those this method returned for
+        idx[:, :-1] (or None: idx is encoded from the start); past it, the last
+        ``_reencode_len`` tokens of the cropped window are re-encoded (states None). Not
+        checked, as ``logits``. Hugging Face's generate decodes through this too (hf_model.py).
+        """
+        block_size, length = self.config.BLOCK_SIZE, idx.shape[1]
+        if not streaming:                                                    # the reference
+            return self.logits(idx[:, -block_size:])[:, -1, :], None
+        if length <= block_size:
+            if states is None:                                               # the prompt, once
+                return self.stream(idx, 0, [None] * len(self.blocks))
+            return self.stream(idx[:, -1:], length - 1, states)              # the newest token
+        n = min(self._reencode_len, block_size)  # cropped window: its last n tokens sit at BLOCK_SIZE-n..
+        return self.head(self._hidden(idx[:, -n:], start=block_size - n)[:, -1]), None
 
 
 def _output_ids(idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""Saved models: a trained language model of any family as a folder of two files.
+"""Saved models: a trained language model of any family as a folder.
 
     config.json        the format, the family, the ModelConfig fields, the family's own
-                       constructor arguments (``model.family_config()``) and the dtype
+                       constructor arguments (``model.family_config()``) and the dtype;
+                       and the keys Hugging Face transformers reads
     model.safetensors  the weights (no pickle); the tied embedding and head stored once,
                        as ``head.weight``
+    hf_model.py, gam_model.py, baselines.py
+                       the code transformers opens the folder with
+                       (``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``)
 
 >>> from pretrained import from_pretrained, save_pretrained
 >>> save_pretrained(model, "models/gam", extra_files={"tokenizer.json": tokenizer.to_str()})
@@ -20,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import fields
@@ -36,6 +41,16 @@ __all__ = ["save_pretrained", "from_pretrained"]
 PRETRAINED_FORMAT = "gam-reproduction-causal-lm-v1"  # config.json's "format"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 _TIED_KEY = "token_embedding.weight"  # the tied copy of head.weight: not stored
+# What Hugging Face transformers needs to open a folder (AutoModelForCausalLM with
+# trust_remote_code): the wrapper (hf_model.py) and the modules it builds the model from,
+# copied in, and these names in config.json. Written as text, so saving needs no transformers.
+HF_CODE_FILES = ("hf_model.py", "gam_model.py", "baselines.py")
+HF_MODEL_TYPE = "gam-reproduction"  # hf_model.MODEL_TYPE
+HF_CONFIG_CLASS, HF_MODEL_CLASS = "GAMReproductionConfig", "GAMReproductionForCausalLM"  # in hf_model.py
+TOKENIZER_NAME, TOKENIZER_CONFIG_NAME = "tokenizer.json", "tokenizer_config.json"
+# The roles transformers gives the special tokens of the repository's tokenizers (data.SPECIAL_TOKENS).
+SPECIAL_TOKEN_ROLES = {"unk_token": "[UNK]", "pad_token": "[PAD]", "bos_token": "[SOS]", "eos_token": "[EOS]"}
+_REPO = Path(__file__).resolve().parent
 
 
 def save_pretrained(model: CausalLM, folder: str | os.PathLike, extra_files: dict | None = None) -> None:
@@ -43,8 +58,13 @@ def save_pretrained(model: CausalLM, folder: str | os.PathLike, extra_files: dic
     docstring), loadable by ``from_pretrained``.
 
     ``extra_files`` ({name: str or bytes}, e.g. ``{"tokenizer.json": tok.to_str()}``) are
-    written beside them. Atomic: everything is written into a fresh temporary folder beside
-    ``folder``, which then takes its place, so a reader (or a crash) never sees a half-written
+    written beside them. The folder also opens in Hugging Face transformers
+    (``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``): config.json gets
+    transformers' keys beside its own, the folder copies of ``HF_CODE_FILES``, and a
+    ``tokenizer.json`` among ``extra_files`` a ``tokenizer_config.json`` (unless given).
+
+    Atomic: everything is written into a fresh temporary folder beside ``folder``, which then
+    takes its place, so a reader (or a crash) never sees a half-written
     model. ``folder`` may be new, an empty folder or a folder saved here before (replaced;
     files of it that this call does not write, such as a tokenizer, are kept); any other
     non-empty folder is refused (ValueError), never overwritten. Bad arguments are a
@@ -59,12 +79,13 @@ def save_pretrained(model: CausalLM, folder: str | os.PathLike, extra_files: dic
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED_KEY}
     config = {"format": PRETRAINED_FORMAT, "family": model.family, "model_config": model.config.to_dict(),
               "family_config": model.family_config(), "dtype": str(model.head.weight.dtype).split(".")[-1],
-              "tied_weights": {_TIED_KEY: "head.weight"}}
+              "tied_weights": {_TIED_KEY: "head.weight"}, **_transformers_config(model.config)}
+    files = {**_transformers_files(extra_files or {}, model.config.BLOCK_SIZE), **(extra_files or {})}
 
     def write(tmp: Path) -> None:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for name, data in (extra_files or {}).items():
+        for name, data in files.items():
             (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
     _replace_folder(Path(folder), write)
@@ -105,6 +126,46 @@ def from_pretrained(folder: str | os.PathLike, device=None, expect: type | None 
         raise ValueError(f"{folder / WEIGHTS_NAME} does not fit {folder / CONFIG_NAME} "
                          f"({' '.join(str(e).split())[:300]}); save the model again with save_pretrained") from None
     return model.eval()  # as Hugging Face's: ready to use; .train() to fine-tune
+
+
+def _transformers_config(c: ModelConfig) -> dict:
+    """config.json's keys for transformers: which classes to load (auto_map, from the copied
+    hf_model.py) and the usual names of the sizes, for generic tools (derived, not read back)."""
+    return {"model_type": HF_MODEL_TYPE, "architectures": [HF_MODEL_CLASS],
+            "auto_map": {"AutoConfig": f"hf_model.{HF_CONFIG_CLASS}",
+                         "AutoModelForCausalLM": f"hf_model.{HF_MODEL_CLASS}"},
+            "vocab_size": c.VOCAB_SIZE, "max_position_embeddings": c.BLOCK_SIZE, "hidden_size": c.N_EMBED,
+            "num_hidden_layers": c.N_LAYER, "tie_word_embeddings": True, "use_cache": True}
+
+
+def _transformers_files(extra_files: dict, block_size: int) -> dict:
+    """The code transformers runs (the repository's own modules, imports made package-relative:
+    transformers imports a folder's code as a package) and, beside a tokenizer.json, the
+    tokenizer_config.json that makes AutoTokenizer a PreTrainedTokenizerFast around it."""
+    files = {name: _package_relative((_REPO / name).read_text(encoding="utf-8")) for name in HF_CODE_FILES}
+    if TOKENIZER_NAME in extra_files and TOKENIZER_CONFIG_NAME not in extra_files:
+        files[TOKENIZER_CONFIG_NAME] = _tokenizer_config(extra_files[TOKENIZER_NAME], block_size)
+    return files
+
+
+def _package_relative(source: str) -> str:
+    names = "|".join(re.escape(Path(name).stem) for name in HF_CODE_FILES)
+    return re.sub(rf"^from ({names}) import ", r"from .\1 import ", source, flags=re.MULTILINE)
+
+
+def _tokenizer_config(tokenizer_json: str | bytes, block_size: int) -> str:
+    """The special tokens the tokenizer holds, in their transformers roles; no clean-up of
+    spaces on decode (so decoded text equals the tokenizers library's)."""
+    try:
+        added = json.loads(tokenizer_json).get("added_tokens") or []
+        tokens = {t["content"] for t in added}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"extra_files['{TOKENIZER_NAME}'] is not a tokenizers JSON file ({e}); "
+                         "give tokenizer.to_str()") from None
+    roles = {role: token for role, token in SPECIAL_TOKEN_ROLES.items() if token in tokens}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False, **roles}
+    return json.dumps(config, indent=2) + "\n"
 
 
 def _safetensors(name: str):
@@ -206,7 +267,7 @@ def _check_extra_files(extra_files: dict | None) -> None:
         if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
             raise ValueError(f"extra_files name {name!r} is not a plain file name; give a name such as "
                              "'tokenizer.json' (no folders, no absolute path)")
-        if name in (CONFIG_NAME, WEIGHTS_NAME):
+        if name in (CONFIG_NAME, WEIGHTS_NAME, *HF_CODE_FILES):
             raise ValueError(f"extra_files name {name!r} is the model's own file; save_pretrained writes it")
         if not isinstance(data, (str, bytes)):
             raise ValueError(f"extra_files[{name!r}] is a {type(data).__name__}; give str or bytes")

@@ -173,16 +173,20 @@ SAMPLE_PROMPTS, SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS, SAMPLE_TEMPERATURE = 3,
 
 
 def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record: dict) -> None:
-    """Export the model to <out-dir>/models/<run name>/ (config.json, model.safetensors and the
-    dataset's tokenizer.json; MQAR has no tokenizer) and, on text, record its continuations of
-    fixed validation prompts. Deterministic, so a resumed run re-publishes the same."""
+    """Export the model to <out-dir>/models/<run name>/ (config.json, model.safetensors, the code
+    transformers opens it with, the model card README.md and the dataset's tokenizer.json; MQAR
+    has no tokenizer) and, on text, record its continuations of fixed validation prompts.
+    Deterministic, so a resumed run re-publishes the same."""
     if not distributed.is_main():
         return
     val_loader, info = data.validation, data.info
     tokenizer = run_tokenizer(cfg, dataset, info)
     folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
+    from model_card import model_card  # README.md: the Hub's model card
+
+    files = {"README.md": model_card(record, model), **({"tokenizer.json": tokenizer.to_str()} if tokenizer else {})}
     try:
-        save_pretrained(model, folder, extra_files={"tokenizer.json": tokenizer.to_str()} if tokenizer else None)
+        save_pretrained(model, folder, extra_files=files)
     except ValueError as e:  # a folder there that holds something else: never overwritten
         raise RunError(f"cannot export {dataset}/{model_name}: {e}") from None
     record["export"] = str(folder.relative_to(cfg["out_dir"]))

@@ -22,7 +22,7 @@ import report
 from baselines import MambaLM, TransformerLM
 from data import PreparedData
 from gam_model import CausalLM, GAM_Model, ModelConfig
-from pretrained import from_pretrained, save_pretrained
+from pretrained import HF_CODE_FILES, from_pretrained, save_pretrained
 from test_benchmark import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_overwrite_policy(tmp_path):
     save_pretrained(make_model("transformer"), folder)  # a saved model is replaced, other files kept
     assert isinstance(from_pretrained(folder), TransformerLM)
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
-                                                  "notes.bin", "README.md"}
+                                                  "notes.bin", "README.md", "tokenizer_config.json", *HF_CODE_FILES}
     assert (folder / "README.md").read_text() == "kept" and (folder / "notes.bin").read_bytes() == b"\x00"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m", "notes"]  # no temporary folder left
 
@@ -287,7 +287,8 @@ def trained_model(run: Path, model_name: str) -> CausalLM:
 @pytest.mark.parametrize("model_name", ["transformer", "mamba", "gam"])
 def test_benchmark_exports_each_model_with_its_tokenizer(smoke_run, model_name):
     folder = smoke_run / "models" / f"synthetic-{model_name}"
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json", "README.md", *HF_CODE_FILES}
     loaded = from_pretrained(folder, expect=GAM_Model if model_name == "gam" else None).eval()
     trained = trained_model(smoke_run, model_name)
     assert type(loaded) is type(trained)
@@ -343,7 +344,8 @@ def test_no_tokenizer_no_tokenizer_json_and_no_samples(tmp_path):
     record = {}
     no_tokenizer = PreparedData(None, None, None, {"tokenizer_path": None})
     runs.publish_model(cfg, "mqar", "gam", make_model("gam"), no_tokenizer, record)
-    assert {p.name for p in (tmp_path / "models" / "mqar-gam").iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in (tmp_path / "models" / "mqar-gam").iterdir()} == {"config.json", "model.safetensors",
+                                                                              "README.md", *HF_CODE_FILES}
     assert record == {"export": "models/mqar-gam"}
 
 

@@ -291,19 +291,28 @@ def lr_sweep_markdown(records: list[dict]) -> str:
 
 
 def plot_lr_sweep(records: list[dict], path: str | os.PathLike) -> None:
-    """Final validation PPL against learning rate (log-log), one panel per dataset, one line per model."""
-    sweeps = sweep_points(records)
-    datasets = list(dict.fromkeys(d for d, _ in sweeps))
-    fig, axes = new_figure(len(datasets), figsize=(5.5 * len(datasets), 4))
+    """Final validation PPL against learning rate (log-log), one panel per dataset, one line per
+    model; a learning rate at which a model diverged is an x on the panel's top edge."""
+    sweeps, every = sweep_points(records), sweep_points(records, finished_only=False)
+    datasets = list(dict.fromkeys(d for d, _ in every))
+    models = list(dict.fromkeys(m for _, m in every))
+    fig, axes = new_figure(len(datasets), figsize=(7 * len(datasets), 4))
     for ax, dataset in zip(axes, datasets):
-        for i, ((d, model), pts) in enumerate(sweeps.items()):
-            if d == dataset:
-                ax.plot([lr for lr, _ in pts], [r["final_val_ppl"] for _, r in pts], "-", label=model,
-                        color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10])
+        top = max((r["final_val_ppl"] for (d, _), pts in sweeps.items() if d == dataset for _, r in pts), default=1.0)
+        for (d, model), pts in every.items():
+            if d != dataset:
+                continue
+            i, done = models.index(model), [(lr, r) for lr, r in pts if r.get("status") == "done"]
+            style = dict(color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10])
+            ax.plot([lr for lr, _ in done], [r["final_val_ppl"] for _, r in done], "-", label=model, **style)
+            failed = [lr for lr, r in pts if r.get("status") != "done"]
+            if failed:
+                ax.plot(failed, [top * 1.25] * len(failed), linestyle="none", marker="x", markersize=9,
+                        color=style["color"], label=f"{model}: diverged")
         ax.set(title=dataset, xlabel="peak learning rate", ylabel="final validation perplexity", xscale="log",
                yscale="log")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(loc="best", framealpha=0.8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small", frameon=False)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 

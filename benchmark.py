@@ -14,8 +14,9 @@ config.json (the run's settings and a fingerprint of its data), per-run checkpoi
 finished model under models/<run name>/ (from_pretrained, with its tokenizer) and samples.md.
 
 Exit codes: 0 done; 2 a problem with the command line, the run folder or the data, found
-before anything is written or trained; 1 a failure while training (non-finite loss, out of
-memory, a full disk); 130 interrupted, with the command that resumes the run.
+before anything is written or trained (a folder that another command holds, or that is not
+empty, included); 1 a failure while training (non-finite loss, out of memory, a full disk);
+130 interrupted (Ctrl-C) and 143 stopped (SIGTERM), each with the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -50,52 +51,68 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a malformed flag: argparse's one line, exit 2
     where = Where()
-    try:
-        explicit = explicit_flags(parser, args)
-        cfg = resolve_config(args, explicit)
-        device = rank_device(resolve_device(args.device))
-        runs.check_folders(cfg, args)
-        if args.lr_sweep and not args.report:
-            raise UsageError("--lr-sweep goes with --report RUN_DIR ...: it reports finished runs")
-        if args.report:  # trains nothing, in one process: before (and without) a process group
-            if distributed.world_size() > 1:
-                raise UsageError("--report trains nothing: run it with python, not torchrun")
-            return write_report(args.report, explicit, Path(cfg["out_dir"]))
-        distributed.init(device, args.dist_timeout)  # under torchrun; nothing in a plain run
-        cfg["out_dir"] = distributed.gather_objects(cfg["out_dir"])[0]  # rank 0's runs/<timestamp>
-        if not distributed.is_main():
-            sys.stdout = open(os.devnull, "w")  # one copy of the progress lines: rank 0's
-        if args.resume:  # the folder already holds a run: a Ctrl-C from here on can be resumed
-            where.resume_command = runs.resume_command(cfg, args, explicit)
-        mode = runs.resolve_wandb_mode(args.wandb, cfg["out_dir"]) if distributed.is_main() else "disabled"
-        logger = runs.WandbLogger(mode, args.wandb_project, cfg["out_dir"])
-        print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {cfg['out_dir']}, wandb {logger.mode}")
-        if args.speed_steps:
-            return measure_speed(cfg, device, args.speed_steps, where)
-        data = prepare_data(cfg, runs.cache_dir(args), where)
-        if args.unigram_only:
-            return write_unigram(data, Path(cfg["out_dir"]))
-        preflight(cfg, data, device, where)
-        runs.start_run(cfg, args, explicit, where)
-        run_all(cfg, data, device, logger, where)
-    except UsageError as e:
-        return fail(f"error: {e}", 2)
-    except DivergedError as e:  # raised once every run is done: the others are in the tables
-        print_tables(Path(cfg["out_dir"]))
-        return fail(str(e), 1)
-    except RunError as e:
-        return fail(str(e), 1)
-    except KeyboardInterrupt:
-        return fail(runs.interrupted_line(where), 130)
-    except (MemoryError, RuntimeError, OSError) as e:
-        if distributed.is_peer_failure(e):
-            return fail(f"failed during {where.stage}: another process of the job stopped, hangs or cannot be "
-                        f"reached ({one_line(e)})", 1)
-        if not (isinstance(e, OSError) or is_oom(e)):
-            raise  # a bug: its traceback is the useful report
-        return fail(runs.failure_line(e, where), 1)
+    with runs.StopSignals().installed() as stop:  # SIGTERM, like Ctrl-C, ends in the --resume line
+        try:
+            return run_command(parser, args, where)
+        except BaseException as e:
+            stop.disarm()  # the command is ending: a second signal must not cut its line short
+            return failed(e, where)
+        finally:
+            where.release()  # the run folder's lock
+
+
+def run_command(parser, args, where: Where) -> int:
+    explicit = explicit_flags(parser, args)
+    cfg = resolve_config(args, explicit)
+    device = rank_device(resolve_device(args.device))
+    runs.check_folders(cfg, args)
+    if args.lr_sweep and not args.report:
+        raise UsageError("--lr-sweep goes with --report RUN_DIR ...: it reports finished runs")
+    if args.report:  # trains nothing, in one process: before (and without) a process group
+        if distributed.world_size() > 1:
+            raise UsageError("--report trains nothing: run it with python, not torchrun")
+        runs.claim_folder(cfg, args, where)
+        return write_report(args.report, explicit, Path(cfg["out_dir"]))
+    distributed.init(device, args.dist_timeout)  # under torchrun; nothing in a plain run
+    cfg["out_dir"] = where.out_dir = distributed.gather_objects(cfg["out_dir"])[0]  # rank 0's runs/<timestamp>
+    runs.claim_folder(cfg, args, where)  # before anything is written into it
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # one copy of the progress lines: rank 0's
+    if args.resume:  # the folder already holds a run: a Ctrl-C from here on can be resumed
+        where.resume_command = runs.resume_command(cfg, args, explicit)
+    mode = runs.resolve_wandb_mode(args.wandb, cfg["out_dir"]) if distributed.is_main() else "disabled"
+    logger = runs.WandbLogger(mode, args.wandb_project, cfg["out_dir"])
+    print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {cfg['out_dir']}, wandb {logger.mode}")
+    if args.speed_steps:
+        return measure_speed(cfg, device, args.speed_steps, where)
+    data = prepare_data(cfg, runs.cache_dir(args), where)
+    if args.unigram_only:
+        return write_unigram(data, Path(cfg["out_dir"]))
+    preflight(cfg, data, device, where)
+    runs.start_run(cfg, args, explicit, where)
+    run_all(cfg, data, device, logger, where)
     print_tables(Path(cfg["out_dir"]))
     return 0
+
+
+def failed(e: BaseException, where: Where) -> int:
+    """The exit code and one line of a command that stopped; a bug is raised again, since its
+    traceback is the useful report."""
+    if isinstance(e, UsageError):
+        return fail(f"error: {e}", 2)
+    if isinstance(e, DivergedError):  # raised once every run is done: the others are in the tables
+        print_tables(Path(where.out_dir))
+    if isinstance(e, RunError):
+        return fail(str(e), 1)
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: under torchrun every rank has it, rank 0 says it
+        code = runs.interrupt_exit_code(e)
+        return fail(runs.interrupted_line(where, e), code) if distributed.is_main() else code
+    if isinstance(e, (MemoryError, RuntimeError, OSError)):
+        if distributed.is_peer_failure(e):
+            return fail(runs.peer_failure_line(e, where), 1)
+        if isinstance(e, OSError) or is_oom(e):
+            return fail(runs.failure_line(e, where), 1)
+    raise e
 
 
 def fail(line: str, code: int) -> int:
@@ -132,29 +149,41 @@ def prepare_data(cfg: dict, cache: Path, where: Where) -> dict:
 
 
 def load_dataset(cfg: dict, dataset: str, cache: Path):
-    """The data.PreparedData of one dataset, its token ids checked; a DataError is bad input."""
-    from data import DataError, build_loaders, build_mqar_loaders
+    """The data.PreparedData of one dataset, its token ids checked; a DataError is bad input,
+    and so is data too large for memory (found before anything is written)."""
+    from data import DataError
 
-    shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
     try:
-        if dataset == "mqar":
-            prepared = build_mqar_loaders(
-                vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], num_kv_pairs=cfg["mqar_kv_pairs"],
-                num_train=cfg["mqar_train_examples"], num_validation=cfg["mqar_val_examples"],
-                batch_size=cfg["batch_size"], seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
-        else:
-            prepared = build_loaders(
-                dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
-                batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
-                max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"], cache_dir=str(cache),
-                seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
+        prepared = build_dataset(cfg, dataset, cache)
     except DataError as e:
         raise UsageError(str(e)) from None
+    except (MemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        fewer = ("--mqar-train-examples or --mqar-val-examples" if dataset == "mqar"
+                 else "--max-train-rows or --max-val-rows")
+        raise UsageError(f"not enough memory to prepare {dataset} ({one_line(e)}); choose fewer {fewer}") from None
     try:
         prepared.check_token_ids()
     except DataError as e:
         raise UsageError(f"{dataset}: {e}") from None
     return prepared
+
+
+def build_dataset(cfg: dict, dataset: str, cache: Path):
+    from data import build_loaders, build_mqar_loaders
+
+    shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
+    if dataset == "mqar":
+        return build_mqar_loaders(
+            vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], num_kv_pairs=cfg["mqar_kv_pairs"],
+            num_train=cfg["mqar_train_examples"], num_validation=cfg["mqar_val_examples"],
+            batch_size=cfg["batch_size"], seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
+    return build_loaders(
+        dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
+        batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
+        max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"], cache_dir=str(cache),
+        seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,6 +238,7 @@ def preflight(cfg: dict, data: dict, device: torch.device, where: Where) -> None
             t = build_training(seeded, model_name, info["vocab_size"], len(train_loader), device)
             for seed in cfg["seeds"]:
                 path = runs.checkpoint_path({**cfg, "seed": seed}, dataset, model_name)
+                t.run_config = runs.run_config({**cfg, "seed": seed}, dataset, model_name)
                 if path.exists():
                     runs.load_checkpoint(t, train_loader, path, device, cfg["epochs"])
             del t
@@ -250,6 +280,7 @@ class Training:
     scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA only
     step_timing: dict = field(default_factory=dict)  # of the last epoch: first step (compilation) vs the rest
     wrapped: torch.nn.Module | None = None  # under torchrun: the DistributedDataParallel around model
+    run_config: dict = field(default_factory=dict)  # what its checkpoints are tied to (runs.run_config)
 
     @property
     def net(self) -> torch.nn.Module:
@@ -264,6 +295,7 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
     train_loader.generator.manual_seed(cfg["seed"])
     train_loader.sampler.seed = cfg["seed"]  # with --seeds, each seed has its own data order
     t = build_training(cfg, model_name, info["vocab_size"], len(train_loader), device)
+    t.run_config = runs.run_config(cfg, dataset, model_name)
     path = runs.checkpoint_path(cfg, dataset, model_name)
     if path.is_file():
         runs.load_checkpoint(t, train_loader, path, device, cfg["epochs"])
@@ -365,11 +397,14 @@ def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run,
                  "val_ppl": math.exp(min(val_loss, 700.0)), "epoch_time_s": seconds,
                  "tokens_per_s": tokens / seconds, **t.step_timing, **ev}
         t.epochs.append(stats)
+        where.unsaved = (name, epoch + 1)  # printed as finished below, lost if stopped before it is saved
         run.log({f"epoch/{k}": v for k, v in stats.items() if k != "val_loss_by_position"})
         recall = f" | recall {ev['recall_accuracy']:.3f}" if "recall_accuracy" in ev else ""
         print(f"  epoch {epoch + 1}/{cfg['epochs']}: train {train_loss:.4f} | val {val_loss:.4f} "
               f"| ppl {stats['val_ppl']:.2f}{recall} | {seconds:.1f} s | {stats['tokens_per_s']:,.0f} tok/s")
+        where.stage = f"{name} checkpoint of epoch {epoch + 1}/{cfg['epochs']}"
         runs.save_checkpoint(t, train_loader, path)
+        where.unsaved = None
 
 
 def gam_receptive_field(cfg: dict) -> int:

@@ -113,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                "ablation = Table 3 (four GAM variants on WikiText-2); smoke = embedded synthetic corpus, "
                "tiny models, no network (~2 min on 2 CPU cores); cpu = WikiText-2 from --data-dir with "
                "models scaled down for 2 CPU cores (< 30 min); recall = multi-query associative recall "
-               "(MQAR): an attention control, Transformer, Mamba and GAM, recall accuracy within and beyond GAM's receptive field "
-               "(1,600 steps of 64 examples). "
-               "Exit codes: 0 done, 1 failed while training, "
-               "2 bad input (nothing written), 130 interrupted (prints the --resume command).",
+               "(MQAR): an attention control, Transformer, Mamba and GAM, recall accuracy within and beyond "
+               "GAM's receptive field (1,600 steps of 64 examples). "
+               "Exit codes: 0 done, 1 failed while training, 2 bad input (nothing written; a folder in use "
+               "or not empty included), 130 interrupted (Ctrl-C) and 143 stopped (SIGTERM), both printing "
+               "the --resume command.",
     )
     p.add_argument("--preset", choices=list(PRESETS), default="paper", help="default: paper")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, help="override the preset's datasets")
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: online when logged in to wandb (offline, with a warning, when its server "
                         "cannot be reached), else disabled")
     p.add_argument("--wandb-project", default="gam-reproduction")
-    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--dist-timeout", type=positive_seconds, default=distributed.DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others at a collective before "
                         "the job fails (bounds the hang when one dies)")
     p.add_argument("--unigram-only", action="store_true",
@@ -166,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(batch, length and models of the run), models interleaved step by step; writes "
                         "speed.json and speed.md; needs no data")
     return p
+
+
+def positive_seconds(s: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (a timeout of 0, inf or NaN never ends well)."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {s!r}")
+    return v
 
 
 def add_hparam_flags(g) -> None:

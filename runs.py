@@ -8,11 +8,16 @@ containers (weights_only=True), so a file from elsewhere cannot run code here.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import pickle
 import shlex
+import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -26,7 +31,7 @@ import torch
 
 import distributed
 from common import atomic_torch_save, atomic_write_json, one_line
-from config import GENERATED, UsageError, flag
+from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, UsageError, flag
 from pretrained import save_pretrained
 
 
@@ -48,9 +53,17 @@ WANDB_INIT_TIMEOUT_S = 60.0
 
 @dataclass
 class Where:
-    """Where the run is, for the line printed on Ctrl-C or a failure."""
+    """Where the run is, for the line printed on Ctrl-C or a failure, and the folder it holds."""
     stage: str = "start-up"
     resume_command: str | None = None  # set once the run folder can be resumed
+    unsaved: tuple[str, int] | None = None  # (dataset/model, epoch): finished, its checkpoint not yet written
+    out_dir: str | None = None
+    lock: "FolderLock | None" = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
@@ -62,14 +75,129 @@ def is_run_dir(path: Path) -> bool:
 
 
 def check_folders(cfg: dict, args: argparse.Namespace) -> None:
-    """A fresh run never writes into another run's folder; every folder we write is writable."""
-    out = Path(cfg["out_dir"])
-    if not args.resume and out.is_dir() and is_run_dir(out):
+    """Every folder we write is (or can be made) a writable folder; what --out-dir holds is
+    checked once it is locked (claim_folder)."""
+    check_writable(Path(cfg["out_dir"]), "--resume" if args.resume else "--out-dir")
+    check_writable(cache_dir(args), "--cache-dir")
+
+
+def claim_folder(cfg: dict, args: argparse.Namespace, where: Where) -> None:
+    """Rank 0 locks --out-dir for the life of the command, then checks it under the lock (so
+    no other command can change it in between): a fresh command needs a new or empty folder,
+    --resume a run whose exports and temporary files are in order. Every rank raises the
+    same refusal, so none waits at a collective for one that stopped."""
+    error = None
+    if distributed.is_main():
+        try:
+            where.lock = FolderLock(Path(cfg["out_dir"]), "--resume" if args.resume else "--out-dir")
+            if args.resume:
+                check_exports(cfg)
+                remove_stale_temporaries(Path(cfg["out_dir"]) / "checkpoints")
+            else:
+                check_empty(Path(cfg["out_dir"]), training=not (args.report or args.unigram_only or args.speed_steps))
+        except UsageError as e:
+            error = str(e)
+    error = distributed.gather_objects(error)[0]
+    if error is not None:
+        raise UsageError(error)
+
+
+def check_empty(out: Path, training: bool) -> None:
+    """A new command writes only into a new or empty folder (the lock file, ours, aside): the
+    results, tables, figures and samples of another run or of a user are never overwritten."""
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    if not others:
+        return
+    if training and is_run_dir(out):
         raise UsageError(f"--out-dir {out} already holds a run; continue it with "
                          f"`{shlex.join(distributed.launcher())} benchmark.py --resume {shlex.quote(str(out))}`, "
                          "or choose another --out-dir")
-    check_writable(out, "--resume" if args.resume else "--out-dir")
-    check_writable(cache_dir(args), "--cache-dir")
+    listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    raise UsageError(f"--out-dir {out} is not empty (it holds {listed}); a new command writes into a new or "
+                     "empty folder only: choose another --out-dir")
+
+
+def check_exports(cfg: dict) -> None:
+    """On --resume, before any training: each model's export folder is absent, empty or an
+    export (replaced when the model finishes); anything else would stop the run after training."""
+    from gam_model import _is_saved_model
+
+    for dataset, seed, model_name in planned_runs(cfg):
+        folder = Path(cfg["out_dir"]) / "models" / run_name({**cfg, "seed": seed}, dataset, model_name)
+        if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or _is_saved_model(folder))):
+            raise UsageError(f"--resume {cfg['out_dir']}: {folder} holds something other than an exported model, "
+                             f"where {dataset}/{model_name} is exported when it finishes; move it elsewhere")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """The temporary files of checkpoint writes that a killed run (kill -9, a power cut) left;
+    under the lock no write of ours is in progress."""
+    for tmp in folder.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderLock:
+    """An exclusive flock on <folder>/.lock, which holds the holder's PID and host. The kernel
+    drops a flock when its process dies in any way, so a killed command never blocks the next;
+    release() removes the file and the folders that acquiring created, if they stayed empty."""
+
+    def __init__(self, folder: Path, what: str):
+        self.path, self.created = folder / LOCK_NAME, []
+        missing = folder
+        while not missing.exists():
+            self.created.append(missing)
+            missing = missing.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fd = self._lock(what)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+    def _lock(self, what: str) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # e.g. NFS without a lock daemon
+                    print(f"benchmark.py: warning: {self.path.parent} cannot be locked ({e.strerror}); nothing "
+                          "stops another command from writing into it at the same time", file=sys.stderr)
+                    return fd
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                self.fd = None
+                self.release()
+                other = ", or choose another --out-dir" if what == "--out-dir" else ""
+                raise UsageError(f"{what} {self.path.parent} is in use by another benchmark.py ({self.holder()}): "
+                                 f"wait until it ends{other}") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its holder removed the file as we opened it: lock the new one
+
+    def holder(self) -> str:
+        try:
+            pid, host = self.path.read_text().split()
+            return f"PID {pid} on {host}"
+        except (OSError, ValueError):
+            return "its PID is not written yet"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one locks the file being removed
+            os.close(self.fd)
+            self.fd = None
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the command wrote there
+                break
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -182,7 +310,7 @@ def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record:
     val_loader, info = data.validation, data.info
     tokenizer = run_tokenizer(cfg, dataset, info)
     folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
-    from model_card import model_card  # README.md: the Hub's model card
+    from model_card import model_card  # here: it imports data, and so datasets, which only publishing needs
 
     files = {"README.md": model_card(record, model), **({"tokenizer.json": tokenizer.to_str()} if tokenizer else {})}
     try:
@@ -241,16 +369,28 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "epochs"}
 EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_ppl", "epoch_time_s", "tokens_per_s"}
 
 
+def run_config(cfg: dict, dataset: str, model_name: str) -> dict:
+    """What sets the numbers of one (dataset, seed, model) run, stored in its checkpoints so
+    that --resume refuses a checkpoint of another run: every hyperparameter (cfg["seed"] is
+    the run's own seed), the Mamba implementation, the process count, and the data's
+    fingerprint. Not the other runs of the job, folders or workers: they change no number."""
+    defaults = {**PAPER_HPARAMS, **MQAR_HPARAMS}
+    settings = {k: float(cfg[k]) if isinstance(v, float) else cfg[k] for k, v in defaults.items()}  # 1 == 1.0
+    return {**settings, "mamba_impl": cfg["mamba_impl"], "world_size": cfg["world_size"], "dataset": dataset,
+            "model": model_name, "data": cfg.get("data_fingerprint", {}).get(dataset)}
+
+
 def save_checkpoint(t, train_loader, path: Path) -> None:
     if not distributed.is_main():
         return
     atomic_torch_save({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
                        "scheduler": t.scheduler.state_dict(), "rng": rng_state(train_loader),
-                       "epochs": t.epochs}, path)
+                       "epochs": t.epochs, "run_config": t.run_config}, path)
 
 
 def load_checkpoint(t, train_loader, path: Path, device: torch.device, max_epochs: int) -> None:
     ckpt = read_checkpoint(path, device, max_epochs)
+    check_same_run(path, ckpt.get("run_config"), t.run_config)
     try:
         t.model.load_state_dict(ckpt["model"])
         t.optimizer.load_state_dict(ckpt["optimizer"])
@@ -272,13 +412,25 @@ def read_checkpoint(path: Path, device: torch.device, max_epochs: int) -> dict:
         raise UsageError(unusable_checkpoint(path, why)) from None
     except Exception as e:  # empty, truncated or garbage files raise many kinds of errors
         raise UsageError(unusable_checkpoint(path, one_line(e) or type(e).__name__)) from None
-    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
+    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt) and isinstance(ckpt.get("run_config", {}), dict)):
         raise UsageError(unusable_checkpoint(path, "not a benchmark.py checkpoint"))
     epochs = ckpt["epochs"]
     if not (isinstance(epochs, list) and len(epochs) <= max_epochs
             and all(isinstance(e, dict) and EPOCH_KEYS <= set(e) for e in epochs)):
         raise UsageError(unusable_checkpoint(path, f"its epoch list does not fit a run of {max_epochs} epochs"))
     return ckpt
+
+
+def check_same_run(path: Path, saved: dict | None, expected: dict) -> None:
+    """A checkpoint written before run configs were stored (saved is None) cannot be checked."""
+    if saved is None or saved == expected:
+        return
+    keys = sorted(set(saved) | set(expected), key=lambda k: (k == "data", k))
+    differ = [k for k in keys if saved.get(k) != expected.get(k)]
+    shown = "; ".join("its data differs" if k == "data" else f"{flag(k)} {saved.get(k)} there, {expected.get(k)} here"
+                      for k in differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+    raise UsageError(f"checkpoint {path} belongs to another run ({shown}): delete it to retrain that model "
+                     "from scratch, or put back this run's own checkpoint")
 
 
 def unusable_checkpoint(path: Path, why: str, what: str = "is unreadable") -> str:
@@ -306,19 +458,79 @@ def set_rng_state(state: dict, train_loader) -> None:
 # Failures: one line each.
 
 
+def saved_epochs(where: Where) -> str:
+    """What a resume keeps. An epoch whose checkpoint was being written is lost: say so."""
+    if where.unsaved is None:
+        return "every finished epoch is saved"
+    name, epoch = where.unsaved
+    return (f"every finished epoch is saved except epoch {epoch} of {name}, whose checkpoint was not written "
+            f"({name} resumes after epoch {epoch - 1})")
+
+
 def failure_line(e: BaseException, where: Where) -> str:
-    saved = f"; every finished epoch is saved ({where.resume_command})" if where.resume_command else ""
+    saved = f"; {saved_epochs(where)} ({where.resume_command})" if where.resume_command else ""
     if isinstance(e, OSError):
         return f"failed during {where.stage}: {e}{saved}"
     return (f"out of memory during {where.stage} ({one_line(e)}); start a fresh run with a smaller "
             f"--batch-size or --n-embed{saved}")
 
 
-def interrupted_line(where: Where) -> str:
+def peer_failure_line(e: BaseException, where: Where) -> str:
+    saved = f"; {saved_epochs(where)}. Resume with: {where.resume_command}" if where.resume_command else ""
+    return (f"failed during {where.stage}: another process of the job stopped, hangs or cannot be reached "
+            f"({one_line(e)}){saved}")
+
+
+def interrupted_line(where: Where, e: KeyboardInterrupt) -> str:
+    what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
     if where.resume_command:
-        return (f"interrupted during {where.stage}; every finished epoch is saved. "
-                f"Resume with: {where.resume_command}")
-    return f"interrupted during {where.stage}; nothing was written"
+        return f"{what} during {where.stage}; {saved_epochs(where)}. Resume with: {where.resume_command}"
+    return f"{what} during {where.stage}; nothing was written"
+
+
+# ---------------------------------------------------------------------------------------
+# Stop signals: SIGTERM (Slurm, Kubernetes, torchrun stopping a job) is handled as Ctrl-C.
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM. A KeyboardInterrupt, so that every clean-up on the way out (the temporary file
+    of an atomic write, the data loader's workers, wandb) treats it as Ctrl-C."""
+
+
+def interrupt_exit_code(e: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # the shells' convention
+
+
+class StopSignals:
+    """While armed, the first SIGINT or SIGTERM raises KeyboardInterrupt or Terminated in the
+    main thread; later ones are ignored, so that a second signal (torchrun answers Ctrl-C with
+    SIGTERM) cannot cut short the saving and the one line of the first. kill -9 still stops."""
+
+    def __init__(self):
+        self.armed, self.previous = True, {}
+
+    def handle(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers for the block, then the previous ones back (main() also runs in-process)."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        # A signal ignored on purpose (SIGINT of a background job, nohup) stays ignored.
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(s) is not signal.SIG_IGN}
+        try:
+            yield self
+        finally:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------

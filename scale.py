@@ -172,7 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="CPU intra-op threads (torch.set_num_threads); default: torch's choice. "
                         "On a busy machine fewer threads than cores avoid slow OpenMP barriers")
-    p.add_argument("--out-dir", default=None, help="default runs/scale-<timestamp>")
+    p.add_argument("--out-dir", default=None, help="a new or empty folder; default runs/scale-<timestamp>")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -203,6 +203,9 @@ def parse_args(argv=None):
     args.seq_lens = sorted(set(args.seq_lens))       # ascending: "longer lengths" are the later ones
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", "scale-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):  # an earlier sweep's or a user's files
+        p.error(f"--out-dir {args.out_dir} is not empty; a sweep writes into a new or empty folder only: "
+                "choose another --out-dir")
     return args
 
 

@@ -1,10 +1,12 @@
 """benchmark.py under faults and bad input, tried as a careless user would.
 
 Each case ends in one readable line on stderr (exit 2 for bad input, found before anything is
-written; 1 for a failure while training; 130 for Ctrl-C, with the --resume command) and never
-damages a run that already exists. Ctrl-C and kill -9 run in a real process; the rest in-process.
+written; 1 for a failure while training; 130 for Ctrl-C and 143 for SIGTERM, with the --resume
+command) and never damages a run that already exists. Signals go to a real process, and a folder
+in use is held by a real process; the rest runs in-process.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -109,6 +111,10 @@ BAD_FRESH = [
     pytest.param(["--device", "cuda:99"], "--device cuda:99", id="device_missing_gpu"),
     pytest.param(["--wandb", "sometimes"], "invalid choice", id="wandb_mode"),
     pytest.param(_impossible_allocation(), "--n-embed", id="impossible_allocation"),
+    pytest.param(["--datasets", "mqar", "--mqar-train-examples", str(10**12)],
+                 "not enough memory to prepare mqar", id="impossible_mqar_set"),
+    *[pytest.param(["--dist-timeout", v], "--dist-timeout: must be a finite number of seconds > 0",
+                   id=f"dist_timeout_{v}") for v in ("nan", "inf", "0", "-5")],
 ]
 
 
@@ -146,6 +152,45 @@ def test_a_fresh_command_refuses_an_existing_run(finished_run, capsys):
         assert code == 2
         assert_one_line(err, "already holds a run", f"--resume {finished_run}", "another --out-dir")
     assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("name", ["samples.md", "table1.md", "context.md", "curves.png", "notes/"])
+def test_a_new_command_refuses_a_folder_that_is_not_empty(name, tmp_path, capsys, monkeypatch):
+    # Not a run, but a user's files: a fresh run, a report, --unigram-only and --speed-steps
+    # would overwrite them. Refused before anything is prepared or written.
+    out = tmp_path / "out"
+    out.mkdir()
+    if name.endswith("/"):
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("mine\n")
+    monkeypatch.setattr(benchmark, "prepare_data", lambda *a: pytest.fail("must not prepare data"))
+    before = snapshot(out)
+    for argv in (tiny_args(out), tiny_args(out, "--unigram-only"), tiny_args(out, "--speed-steps", "1"),
+                 ["--report", str(tmp_path), "--out-dir", str(out)]):
+        code, err = run_main(argv, capsys)
+        assert code == 2, argv
+        assert_one_line(err, f"--out-dir {out} is not empty (it holds {name.rstrip('/')})", "choose another --out-dir")
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [name.rstrip("/")]
+
+
+def test_a_lock_file_left_by_a_killed_command_does_not_make_a_folder_taken(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / runs.LOCK_NAME).write_text("123 elsewhere\n")  # no process holds it any more
+    assert run_main(tiny_args(out, "--unigram-only"), capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["unigram.json"]
+
+
+def test_a_folder_that_cannot_be_locked_is_used_with_a_warning(tmp_path, capsys, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # e.g. NFS without its lock daemon
+
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    code, err = run_main(tiny_args(tmp_path / "out", "--unigram-only"), capsys)
+    assert code == 0
+    assert_one_line(err, f"warning: {tmp_path / 'out'} cannot be locked (No locks available)")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["unigram.json"]
 
 
 def test_default_out_dir_never_collides(tmp_path, monkeypatch):
@@ -205,6 +250,48 @@ def test_resume_refuses_a_checkpoint_of_another_model(run_copy, capsys):
     code, err = run_main(resume_args(run_copy), capsys)
     assert code == 2
     assert_one_line(err, "synthetic-gam.pt does not fit this run", "size mismatch")
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("other", [["--lr", "0.02"], ["--max-train-blocks", "64"], ["--epochs", "2"]],
+                         ids=["lr", "max_train_blocks", "epochs"])
+def test_resume_refuses_a_checkpoint_of_another_run(other, run_copy, tmp_path, capsys, monkeypatch):
+    # Same shapes, so it would load: a copy from a run of other settings must not be resumed.
+    donor = tmp_path / "donor"
+    assert benchmark.main(tiny_args(donor, *other, models=("gam",), epochs=3)) == 0
+    shutil.copy(donor / "checkpoints" / "synthetic-gam.pt", run_copy / "checkpoints" / "synthetic-gam.pt")
+    (run_copy / "checkpoints" / "synthetic-transformer.pt").unlink()  # else nothing would be loaded to train
+    monkeypatch.setattr(benchmark, "train_epoch", lambda *a: pytest.fail("must not train"))
+    before = snapshot(run_copy)
+    code, err = run_main(resume_args(run_copy), capsys)
+    assert code == 2
+    saved = {"--lr": "0.02", "--max-train-blocks": "64", "--epochs": "2"}[other[0]]
+    here = {"--lr": "0.01", "--max-train-blocks": "96", "--epochs": "3"}[other[0]]
+    assert_one_line(err, "checkpoints/synthetic-gam.pt belongs to another run",
+                    f"{other[0]} {saved} there, {here} here", "delete it to retrain that model from scratch")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_accepts_a_checkpoint_from_before_run_configs_were_stored(run_copy, capsys):
+    for path in (run_copy / "checkpoints").glob("*.pt"):
+        ckpt = torch.load(path, weights_only=True)
+        del ckpt["run_config"]
+        torch.save(ckpt, path)
+    code, err = run_main(resume_args(run_copy), capsys)
+    assert code == 0, err
+
+
+def test_resume_refuses_a_foreign_folder_where_a_model_is_exported_before_training(run_copy, capsys, monkeypatch):
+    (run_copy / "checkpoints" / "synthetic-gam.pt").unlink()  # gam trains again, then is exported
+    shutil.rmtree(run_copy / "models" / "synthetic-gam")
+    (run_copy / "models" / "synthetic-gam").mkdir()
+    (run_copy / "models" / "synthetic-gam" / "notes.txt").write_text("mine\n")
+    monkeypatch.setattr(benchmark, "train_epoch", lambda *a: pytest.fail("must not train"))
+    before = snapshot(run_copy)
+    code, err = run_main(resume_args(run_copy), capsys)
+    assert code == 2
+    assert_one_line(err, f"{run_copy / 'models' / 'synthetic-gam'} holds something other than an exported model",
+                    "move it elsewhere")
     assert snapshot(run_copy) == before
 
 
@@ -351,7 +438,9 @@ def test_a_failed_resume_keeps_the_published_records(run_copy, capsys, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------
-# Ctrl-C and kill -9 in the middle of an epoch, then --resume: the same numbers as a straight run
+# Ctrl-C, SIGTERM and kill -9 in a real process, then --resume: the same numbers as a straight run.
+# The child stalls at a known point and touches a marker file; only then does the test signal it,
+# so the signal always lands there, however loaded the machine.
 
 def stall_in_second_epoch(benchmark_module, on_stall):
     """Wrap train_epoch so that epoch 2 calls on_stall() after its third step, mid-loop."""
@@ -371,15 +460,64 @@ def stall_in_second_epoch(benchmark_module, on_stall):
     benchmark_module.train_epoch = second_epoch_stalls
 
 
+def stall_in_checkpoint_write(benchmark_module, on_stall):
+    """Make the write of synthetic/gam's second checkpoint call on_stall() once its temporary
+    file is complete, just before the rename that would put it in place."""
+    real_replace, writes = os.replace, []
+
+    def replace_then_stall(src, dst):
+        if Path(dst).name == "synthetic-gam.pt":
+            writes.append(dst)
+            if len(writes) == 2:
+                on_stall()
+        real_replace(src, dst)
+
+    os.replace = replace_then_stall  # the child's own os module: common.atomic_write_bytes calls it
+
+
 CHILD = """
-import pathlib, sys, time
+import pathlib, signal, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import benchmark
-from test_benchmark_faults import stall_in_second_epoch
+import test_benchmark_faults
 
-stall_in_second_epoch(benchmark, lambda: (pathlib.Path({marker!r}).touch(), time.sleep(300)))
+
+def stall():
+    pathlib.Path({marker!r}).touch()  # the test signals once this exists
+    while True:
+        signal.pause()  # until a signal ends the process or raises here
+
+
+test_benchmark_faults.{stall}(benchmark, stall)
 sys.exit(benchmark.main(sys.argv[1:]))
 """
+
+
+def start_stalled_child(out: Path, stall: str = "stall_in_second_epoch", epochs: int = 3) -> subprocess.Popen:
+    """A benchmark.py process training out, stalled at `stall` (its marker file exists)."""
+    marker = out.parent / f"{out.name}.stalled"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    code = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), marker=str(marker), stall=stall)
+    child = subprocess.Popen([sys.executable, "-c", code, *tiny_args(out, epochs=epochs)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240  # a bound on a hang, not a speed assumption
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        child.kill()
+        pytest.fail(f"the child never stalled: {child.communicate(timeout=60)}")
+    return child
+
+
+def stop(child: subprocess.Popen, signum: int) -> tuple[int, list[str]]:
+    """(exit code, stderr lines) of the stalled child after signum."""
+    child.send_signal(signum)
+    try:
+        _, err = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        pytest.fail(f"the child did not end after signal {signum}: {child.communicate()}")
+    return child.returncode, err.strip().splitlines()
 
 
 def without_timing(epochs: list[dict]) -> list[dict]:
@@ -399,37 +537,72 @@ def assert_resumes_to_the_straight_numbers(out: Path, finished_run: Path, capsys
     assert a["final_val_loss"] == b["final_val_loss"]
 
 
+def resume_line(out: Path) -> str:
+    return f"Resume with: python benchmark.py --resume {out} --cache-dir {out.parent / 'cache'} --wandb disabled"
+
+
+@pytest.mark.parametrize("signum, code, what", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "stopped by SIGTERM")],
+                         ids=["ctrl_c", "sigterm"])
 def test_ctrl_c_mid_epoch_prints_the_resume_command_then_resume_reaches_the_same_numbers(
-        finished_run, capsys, monkeypatch):
-    # A real SIGINT to this process, as Ctrl-C sends: Python turns it into KeyboardInterrupt.
-    out = finished_run.parent / "interrupted"
-    monkeypatch.setattr(benchmark, "train_epoch", benchmark.train_epoch)  # restored afterwards
-    stall_in_second_epoch(benchmark, lambda: os.kill(os.getpid(), signal.SIGINT))
-    try:
-        code, err = run_main(tiny_args(out, epochs=3), capsys)
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C escaped benchmark.main")
-    monkeypatch.undo()
-    assert code == 130
-    assert err == [f"benchmark.py: interrupted during synthetic/gam epoch 2/3; every finished epoch is saved. "
-                   f"Resume with: python benchmark.py --resume {out} --cache-dir {out.parent / 'cache'} "
-                   "--wandb disabled"]
+        signum, code, what, finished_run, capsys):
+    # SIGTERM is how Slurm, Kubernetes and torchrun stop a job: the same as Ctrl-C, exit 128 + 15.
+    out = finished_run.parent / f"interrupted-{code}"
+    child = start_stalled_child(out)
+    assert stop(child, signum) == (code, [f"benchmark.py: {what} during synthetic/gam epoch 2/3; every finished "
+                                          f"epoch is saved. {resume_line(out)}"])
+    assert not (out / ".lock").exists()
+    assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl_c", "sigterm"])
+def test_a_signal_during_a_checkpoint_write_leaves_no_temporary_file_and_names_the_lost_epoch(
+        signum, code, finished_run, capsys):
+    out = finished_run.parent / f"stopped-while-saving-{code}"
+    child = start_stalled_child(out, "stall_in_checkpoint_write")
+    assert list((out / "checkpoints").glob(".*.tmp"))  # the stall is mid-write: the temporary file is there
+    got, err = stop(child, signum)
+    assert got == code
+    assert_one_line(err, "during synthetic/gam checkpoint of epoch 2/3; every finished epoch is saved except "
+                         "epoch 2 of synthetic/gam, whose checkpoint was not written (synthetic/gam resumes after "
+                         "epoch 1)", resume_line(out))
+    assert not list((out / "checkpoints").glob(".*.tmp"))
     assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
 
 
 def test_kill_9_mid_epoch_then_resume_reaches_the_same_numbers(finished_run, capsys):
-    out, marker = finished_run.parent / "killed", finished_run.parent / "stalled"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    code = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), marker=str(marker))
-    child = subprocess.Popen([sys.executable, "-c", code, *tiny_args(out, epochs=3)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), child.communicate(timeout=30)
-    child.kill()
-    child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL
+    out = finished_run.parent / "killed"
+    child = start_stalled_child(out)
+    assert stop(child, signal.SIGKILL)[0] == -signal.SIGKILL
+    assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_a_temporary_file_that_resume_removes(finished_run, capsys):
+    out = finished_run.parent / "killed-while-saving"
+    child = start_stalled_child(out, "stall_in_checkpoint_write")
+    assert stop(child, signal.SIGKILL)[0] == -signal.SIGKILL
+    assert list((out / "checkpoints").glob(".*.tmp"))  # nothing can clean up after kill -9
+    assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_folder_in_use_is_refused_until_its_run_dies(finished_run, capsys):
+    # A real second process: while the child trains the folder, no other command may write into
+    # it; kill -9 (the kernel drops the lock) frees it for --resume.
+    out = finished_run.parent / "in-use"
+    child = start_stalled_child(out)
+    try:
+        before = snapshot(out)
+        for argv in (resume_args(out), tiny_args(out), tiny_args(out, "--unigram-only"),
+                     tiny_args(out, "--speed-steps", "1"),
+                     ["--report", str(finished_run), "--out-dir", str(out)]):
+            code, err = run_main(argv, capsys)
+            assert code == 2, argv
+            assert_one_line(err, f"{out} is in use by another benchmark.py (PID {child.pid} on ", "wait until it ends")
+        assert snapshot(out) == before
+    finally:
+        child.kill()
+        child.communicate(timeout=60)
     assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
 
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,8 @@ def test_a_hung_process_ends_the_job_then_resume_reaches_the_uninterrupted_numbe
     assert code != 0
     assert ("benchmark.py (rank 0): failed during synthetic/gam epoch 2/2: another process of the job stopped, "
             "hangs or cannot be reached") in stderr
+    assert ("every finished epoch is saved. Resume with: torchrun --standalone --nproc_per_node 2 benchmark.py "
+            f"--resume {out}") in stderr
     assert "[rank0]: Traceback" not in stderr  # one line from rank 0 (torchrun adds its own report)
     assert len(torch.load(out / "checkpoints" / "synthetic-gam.pt", weights_only=True)["epochs"]) == 1
 
@@ -144,6 +147,54 @@ def test_a_hung_process_ends_the_job_then_resume_reaches_the_uninterrupted_numbe
     assert "resumed synthetic/gam after epoch 1" in stdout
     resumed, straight = ([without_timing(r["epochs"]) for r in records(d)] for d in (out, ddp_run[0]))
     assert resumed == straight  # bit-for-bit on CPU
+
+
+STOPPABLE_RANKS = """
+import os, pathlib, signal, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import benchmark
+from test_benchmark_faults import stall_in_second_epoch
+
+
+def stall():
+    pathlib.Path({marker!r} + os.environ["RANK"]).touch()  # the test signals once both exist
+    while True:
+        signal.pause()
+
+
+stall_in_second_epoch(benchmark, stall)  # both ranks, at the same step: neither waits in a collective
+sys.exit(benchmark.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_torchrun_stops_every_rank_and_rank_0_prints_the_resume_command(ddp_run, tmp_path):
+    # How Slurm and Kubernetes stop a job: SIGTERM to the launcher, which passes it to the ranks.
+    script, marker, out = tmp_path / "stoppable_ranks.py", tmp_path / "stalled-rank", tmp_path / "run"
+    script.write_text(STOPPABLE_RANKS.format(repo=str(REPO), tests=str(REPO / "tests"), marker=str(marker)))
+    shutil.copytree(ddp_run[0].parent / "cache", tmp_path / "cache")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", *readme_command()[:3], str(script), *ddp_args(out)]
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S  # a bound on a hang, not a speed assumption
+        while not all(Path(f"{marker}{r}").exists() for r in "01") and job.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(Path(f"{marker}{r}").exists() for r in "01"), job.poll()
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    lines = [line for line in stderr.splitlines() if line.startswith("benchmark.py")]
+    assert lines == ["benchmark.py (rank 0): stopped by SIGTERM during synthetic/gam epoch 2/2; every finished epoch "
+                     "is saved. Resume with: torchrun --standalone --nproc_per_node 2 benchmark.py --resume "
+                     f"{out} --cache-dir {tmp_path / 'cache'} --wandb disabled"], stderr[-3000:]
+    assert "[rank0]: Traceback" not in stderr and "[rank1]: Traceback" not in stderr  # torchrun adds its own report
+    assert len(torch.load(out / "checkpoints" / "synthetic-gam.pt", weights_only=True)["epochs"]) == 1
+    assert not (out / ".lock").exists()
 
 
 def test_resume_with_another_number_of_processes_is_refused(ddp_run, tmp_path, capsys):

@@ -313,6 +313,21 @@ def test_cuda_without_a_gpu_is_a_bad_arg(capsys, tmp_path):
     assert info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name", ["results.csv", "table2.md", "results.json", "notes"])
+def test_a_folder_that_is_not_empty_is_refused_before_the_sweep(name, tmp_path, capsys, monkeypatch):
+    # An earlier sweep's results or a user's table would be replaced.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("mine\n")
+    monkeypatch.setattr(scale, "run_point", lambda *a: pytest.fail("must not measure"))
+    with pytest.raises(SystemExit) as info:
+        scale.main(tiny_then([], out))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"scale.py: error: --out-dir {out} is not empty") and "choose another --out-dir" in err
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "mine\n"
+
+
 def test_unwritable_out_dir_is_one_line_exit_2(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -253,7 +253,8 @@ def _first_five(names: list) -> str:
     return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
-def _is_saved_model(folder: Path) -> bool:
+def is_saved_model(folder: Path) -> bool:
+    """Whether folder holds a model written by save_pretrained (its config.json says so)."""
     try:
         return json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("format") == PRETRAINED_FORMAT
     except (OSError, ValueError, AttributeError):
@@ -279,7 +280,7 @@ def _replace_folder(path: Path, write) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file; save into a new or empty folder")
     old = path.is_dir() and any(path.iterdir())
-    if old and not _is_saved_model(path):
+    if old and not is_saved_model(path):
         raise ValueError(f"{path} is a non-empty folder that holds no saved model; "
                          "save into a new or empty folder (nothing was written)")
     path.parent.mkdir(parents=True, exist_ok=True)

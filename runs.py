@@ -32,7 +32,7 @@ import torch
 import distributed
 from common import atomic_torch_save, atomic_write_json, one_line
 from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, UsageError, flag
-from pretrained import save_pretrained
+from pretrained import is_saved_model, save_pretrained
 
 
 class RunError(Exception):
@@ -120,11 +120,9 @@ def check_empty(out: Path, training: bool) -> None:
 def check_exports(cfg: dict) -> None:
     """On --resume, before any training: each model's export folder is absent, empty or an
     export (replaced when the model finishes); anything else would stop the run after training."""
-    from gam_model import _is_saved_model
-
     for dataset, seed, model_name in planned_runs(cfg):
         folder = Path(cfg["out_dir"]) / "models" / run_name({**cfg, "seed": seed}, dataset, model_name)
-        if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or _is_saved_model(folder))):
+        if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or is_saved_model(folder))):
             raise UsageError(f"--resume {cfg['out_dir']}: {folder} holds something other than an exported model, "
                              f"where {dataset}/{model_name} is exported when it finishes; move it elsewhere")
 

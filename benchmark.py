@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 import distributed
-from gam_model import ModelConfig
 import runs
-from common import atomic_write_json, atomic_write_text, autocast_context, free_memory, is_oom, one_line, run_metadata, sync
 from baselines import build_lm
-from config import (UsageError, build_parser, explicit_flags, family_of, is_paper_config, model_config,
-                    rank_device, resolve_config, resolve_device)
+from common import atomic_write_json, atomic_write_text, autocast_context, free_memory, is_oom, one_line, run_metadata, sync
+from config import (UsageError, build_parser, explicit_flags, family_of, model_config, rank_device, resolve_config,
+                    resolve_device)
+from gam_model import ModelConfig
 from report import print_tables, speed_markdown, speed_row, write_report, write_results, write_unigram
 from runs import DivergedError, RunError, Where
 
@@ -300,7 +300,7 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
     if path.is_file():
         runs.load_checkpoint(t, train_loader, path, device, cfg["epochs"])
         print(f"  resumed {dataset}/{model_name} after epoch {len(t.epochs)} from {path}")
-    record = new_record(cfg, dataset, model_name, t, info, device)
+    record = runs.new_record(cfg, dataset, model_name, t, info, device)
     print(f"  {model_name}: {record['params']:,} parameters ({record['implementation']}) on {dataset}")
     run = logger.start(runs.run_name(cfg, dataset, model_name), record)
     try:
@@ -313,7 +313,7 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
         run.finish(record, exit_code=1)
         raise
     if record["status"] != "diverged":
-        summarize(record)
+        runs.summarize(record)
         if data.test is not None:
             where.stage = f"{dataset}/{model_name} test split"
             evaluate_test(t.model, data.test, device, cfg["dtype"], record)
@@ -389,7 +389,8 @@ def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run,
         distributed.reseed(cfg["seed"], epoch)
         train_loss, seconds, tokens = train_epoch(t, train_loader, cfg, device, where.stage, run.log)
         train_loss, tokens = distributed.all_mean(train_loss), distributed.all_sum([tokens])[0]
-        ev = evaluate(t.model, val_loader, device, gam_receptive_field(cfg), dtype=cfg["dtype"])
+        rf = model_config(cfg, "gam", 1).receptive_field  # full GAM's: the recall split of every model
+        ev = evaluate(t.model, val_loader, device, rf, dtype=cfg["dtype"])
         val_loss = ev["val_loss"]
         if not math.isfinite(val_loss):
             raise DivergedError(f"non-finite validation loss ({val_loss}) after epoch {epoch + 1}")
@@ -405,11 +406,6 @@ def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run,
         where.stage = f"{name} checkpoint of epoch {epoch + 1}/{cfg['epochs']}"
         runs.save_checkpoint(t, train_loader, path)
         where.unsaved = None
-
-
-def gam_receptive_field(cfg: dict) -> int:
-    """R = N_LAYER * (k - 1) + 1 of the run's full GAM: the recall split of every model."""
-    return cfg["n_layer"] * (cfg["conv_kernel_size"] - 1) + 1
 
 
 def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str, log_step):
@@ -550,26 +546,6 @@ def evaluate_test(model, loader, device, dtype: str, record: dict) -> None:
     test_loss = evaluate(model, loader, device, dtype=dtype)["val_loss"]
     record.update(final_test_loss=test_loss, final_test_ppl=math.exp(min(test_loss, 700.0)))
     print(f"  test {test_loss:.4f} | ppl {record['final_test_ppl']:.2f}")
-
-
-def new_record(cfg: dict, dataset: str, model_name: str, t: Training, info: dict, device) -> dict:
-    model = t.model
-    return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
-            "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
-            "status": "running", "steps_per_epoch": t.steps_per_epoch, "epochs": t.epochs,
-            "model_config": t.model_config.to_dict(), "data": info,
-            **run_metadata(device), **distributed.describe(),  # world_size, backend
-            "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
-
-
-def summarize(record: dict) -> None:
-    ep = record["epochs"]
-    record.update(status="done", final_val_loss=ep[-1]["val_loss"], final_val_ppl=ep[-1]["val_ppl"],
-                  best_val_ppl=min(e["val_ppl"] for e in ep),
-                  mean_epoch_time_s=sum(e["epoch_time_s"] for e in ep) / len(ep))
-    if record["config"]["compile"] and ep[0].get("later_step_s_mean") is not None:  # the first step's extra time
-        record["compile_time_s"] = ep[0]["first_step_s"] - ep[0]["later_step_s_mean"]
-    record.update({f"final_{k}": v for k, v in ep[-1].items() if k.startswith("recall_accuracy")})
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @property
+    def receptive_field(self) -> int:
+        """How many most recent tokens (current one included) GAM's logits at t can depend on:
+        only the convolutions mix positions, each reaching k - 1 back."""
+        return self.N_LAYER * (self.CONV_KERNEL_SIZE - 1) + 1 if self.USE_LOCAL else 1
+
 
 def check_config(config) -> None:
     """A model is built from a ModelConfig, nothing else (a dict or None would fail later, obscurely)."""
@@ -809,8 +815,7 @@ class GAM_Model(CausalLM):
     @property
     def receptive_field(self) -> int:
         """How many most recent tokens (current one included) the logits at t can depend on."""
-        c = self.config
-        return c.N_LAYER * (c.CONV_KERNEL_SIZE - 1) + 1 if c.USE_LOCAL else 1
+        return self.config.receptive_field
 
 
 if __name__ == "__main__":

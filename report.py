@@ -14,6 +14,7 @@ import torch
 
 import distributed
 from baselines import MODEL_NAMES
+from gam_model import ModelConfig
 from common import atomic_save_figure, atomic_write_json, atomic_write_text, device_description, one_line
 from config import GAM_VARIANTS, OLDER_CONFIG_DEFAULTS, UsageError, flag
 
@@ -323,10 +324,8 @@ def plot_lr_sweep(records: list[dict], path: str | os.PathLike) -> None:
 
 
 def receptive_field(model_config: dict) -> int:
-    """GAM's receptive field in tokens: N_LAYER * (k - 1) + 1 (only the convolutions mix positions)."""
-    if not model_config.get("USE_LOCAL", True):
-        return 1
-    return model_config["N_LAYER"] * (model_config["CONV_KERNEL_SIZE"] - 1) + 1
+    """GAM's receptive field in tokens (ModelConfig.receptive_field) of a record's model_config."""
+    return ModelConfig(**model_config).receptive_field
 
 
 def mean_loss_by_position(group: list[dict]) -> list[float] | None:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import distributed
-from common import atomic_torch_save, atomic_write_json, one_line
-from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, UsageError, flag
+from common import atomic_torch_save, atomic_write_json, one_line, run_metadata
+from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, UsageError, flag, is_paper_config
 from pretrained import is_saved_model, save_pretrained
 
 
@@ -633,3 +633,25 @@ class WandbRun:
         if self.run is not None:
             self.run.summary.update({k: record[k] for k in self.SUMMARY if k in record})
             self.run.finish(exit_code=exit_code)
+
+
+def new_record(cfg: dict, dataset: str, model_name: str, t, info: dict, device) -> dict:
+    """The results.json record of one (dataset, seed, model) run, before training (t: benchmark.Training)."""
+    model = t.model
+    return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
+            "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
+            "status": "running", "steps_per_epoch": t.steps_per_epoch, "epochs": t.epochs,
+            "model_config": t.model_config.to_dict(), "data": info,
+            **run_metadata(device), **distributed.describe(),  # world_size, backend
+            "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
+
+
+def summarize(record: dict) -> None:
+    """A finished run's record: its final and best numbers from the epochs."""
+    ep = record["epochs"]
+    record.update(status="done", final_val_loss=ep[-1]["val_loss"], final_val_ppl=ep[-1]["val_ppl"],
+                  best_val_ppl=min(e["val_ppl"] for e in ep),
+                  mean_epoch_time_s=sum(e["epoch_time_s"] for e in ep) / len(ep))
+    if record["config"]["compile"] and ep[0].get("later_step_s_mean") is not None:  # the first step's extra time
+        record["compile_time_s"] = ep[0]["first_step_s"] - ep[0]["later_step_s_mean"]
+    record.update({f"final_{k}": v for k, v in ep[-1].items() if k.startswith("recall_accuracy")})

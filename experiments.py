@@ -25,13 +25,16 @@ from common import OneLineParser
 
 # Each model's learning rate at the cpu preset, chosen by validation loss in the sweep
 # (assets/lr-sweep-cpu-wikitext2/lr_sweep.md); the tuned runs use these.
-TUNED_LR = {"transformer": "1e-2", "gam": "1e-1"}
+TUNED_LR = {"transformer": "1e-2", "gam": "1e-1", "mamba": "3e-3"}
 SWEEP_LRS = {"transformer": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
              "mamba": ["1e-3", "3e-3", "1e-2", "3e-2"],
              **{m: ["3e-2", "1e-1", "3e-1"] for m in ("gam-global-only", "gam-sum-fusion", "gam-local-only")}}
-# The recall preset's sweep, and each model's best by validation loss in it.
-RECALL_SWEEP = {m: ["1e-3", "3e-3", "1e-2"] for m in ("conv-attention", "gam", "transformer", "mamba")}
-RECALL_LR = {"conv-attention": "3e-3"}
+# The recall preset's sweep (the rates each model was run at), each model's best by validation
+# loss in it, and the models that got seeds 2 and 3 at their best.
+RECALL_SWEEP = {"conv-attention": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["3e-3", "1e-2", "3e-2"],
+                "transformer": ["3e-3", "1e-2"]}
+RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-2", "transformer": "TRANSFORMER_BEST"}
+RECALL_SEEDS = ("conv-attention",)
 RECALL = "python benchmark.py --preset recall --wandb disabled"
 CPU = "python benchmark.py --preset cpu --wandb disabled"
 WIKI = CPU + " --data-dir wikitext2={wikitext2}"
@@ -53,24 +56,32 @@ def sweep_commands() -> tuple:
 
 
 def recall_commands() -> tuple:
-    """The recall preset per model: a learning-rate sweep at seed 1, then seeds 2 and 3 at each
-    model's best (RECALL_LR), then one report of the 3-seed runs."""
+    """The recall preset per model: a learning-rate sweep at seed 1, seeds 2 and 3 at the best rate
+    of the models in RECALL_SEEDS, then one report of each model at its best rate."""
     sweep = [f"{RECALL} --models {m} --seeds 1 --lr {lr} --out-dir {{out}}/sweep/{m}-lr{lr}"
              for m, lrs in RECALL_SWEEP.items() for lr in lrs]
-    seeds = [f"{RECALL} --models {m} --seeds 2 3 --lr {lr} --out-dir {{out}}/{m}-seeds23" for m, lr in RECALL_LR.items()]
-    best = " ".join(f"{{out}}/sweep/{m}-lr{lr} {{out}}/{m}-seeds23" for m, lr in RECALL_LR.items())
+    seeds = [f"{RECALL} --models {m} --seeds 2 3 --lr {RECALL_LR[m]} --out-dir {{out}}/{m}-seeds23" for m in RECALL_SEEDS]
+    best = " ".join(f"{{out}}/sweep/{m}-lr{lr}" + (f" {{out}}/{m}-seeds23" if m in RECALL_SEEDS else "")
+                    for m, lr in RECALL_LR.items())
     return (*sweep, *seeds, f"python benchmark.py --report {best} --out-dir {{out}}/report",
             "python benchmark.py --report {out}/sweep/*/ --lr-sweep --out-dir {out}/sweep-report")
 
 
-def tuned_commands(models: list[str], seeds: str = "1 2 3") -> tuple:
-    runs = [f"{WIKI} --models {m} --seeds {seeds} --lr {TUNED_LR[m]} --out-dir {{out}}/{m}" for m in models]
-    return (*runs, "python benchmark.py --report " + " ".join(f"{{out}}/{m}" for m in models) + " --out-dir {out}")
+def tuned_commands(models: list[str]) -> tuple:
+    """Seeds 2 and 3 of each model at its tuned lr (seed 1 is the sweep's run at that lr), then
+    one report of the three seeds of every model."""
+    runs = [f"{WIKI} --models {m} --seeds {s} --lr {TUNED_LR[m]} --out-dir {{out}}/runs/{m}-lr{TUNED_LR[m]}-seed{s}"
+            for m in models for s in (2, 3)]
+    seed1 = " ".join(f"{{root}}/lr-sweep-cpu-wikitext2/runs/{m}-lr{TUNED_LR[m]}" for m in models)
+    return (*runs, f"python benchmark.py --report {seed1} {{out}}/runs/*/ --out-dir {{out}}/report")
 
 
 EXPERIMENTS = [
     Experiment("lr-sweep", "lr-sweep-cpu-wikitext2", 300,
                "each model's learning rate: the cpu preset at 3-6 rates per model, seed 1", sweep_commands()),
+    Experiment("table1-tuned", "table1-tuned-cpu-wikitext2", 120,
+               "Table 1 shape, each model at its own lr (from lr-sweep, run it first), 3 seeds, paired differences",
+               tuned_commands(["transformer", "gam", "mamba"])),
     Experiment("table1-shared-lr", "table1-cpu-wikitext2-3seeds", 45,
                "Table 1 shape at the preset's one lr (the paper's protocol): Transformer and GAM, 3 seeds",
                (f"{WIKI} --models transformer gam --seeds 1 2 3 --out-dir {{out}}",)),
@@ -122,7 +133,8 @@ NOT_RERUN = {"recall-explore", "recall-cpu", "recall-cpu-preset", "recall-cpu-pr
 
 def expand(command: str, out: Path, data_dirs: dict) -> list[str]:
     """A command with its placeholders filled in, as an argv (globs expanded as a shell would)."""
-    text = command.format(out=shlex.quote(str(out)), **{k: shlex.quote(v) for k, v in data_dirs.items()})
+    text = command.format(out=shlex.quote(str(out)), root=shlex.quote(str(out.parent)),
+                          **{k: shlex.quote(v) for k, v in data_dirs.items()})
     argv = shlex.split(text)
     return [p for a in argv for p in ((sorted(glob.glob(a)) or [a]) if "*" in a else [a])]
 

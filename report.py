@@ -275,12 +275,15 @@ def lr_sweep_markdown(records: list[dict]) -> str:
     for (dataset, model), pts in sweep_points(records, finished_only=False).items():
         done = [(lr, r) for lr, r in pts if r.get("status") == "done"]
         best_lr = min(done, key=lambda p: p[1]["final_val_loss"])[0] if done else None
-        lines += [f"### {model} on {dataset}", "", "| lr | Val loss | Val PPL | Test PPL |", "|---|---|---|---|"]
+        recall = any("final_recall_accuracy" in r for _, r in pts)  # MQAR: what the task scores
+        lines += [f"### {model} on {dataset}", "", "| lr | Val loss | Val PPL | " + ("Recall accuracy |" if recall
+                  else "Test PPL |"), "|---|---|---|---|"]
         for lr, r in pts:
             if r.get("status") != "done":
                 lines.append(f"| {lr:g} | {r.get('status', '?')} | — | — |")
                 continue
-            cells = [f"{lr:g}", fmt(r["final_val_loss"]), fmt(r["final_val_ppl"], ".2f"), fmt(r.get("final_test_ppl"), ".2f")]
+            last = fmt(r.get("final_recall_accuracy"), ".3f") if recall else fmt(r.get("final_test_ppl"), ".2f")
+            cells = [f"{lr:g}", fmt(r["final_val_loss"]), fmt(r["final_val_ppl"], ".2f"), last]
             lines.append("| " + " | ".join(f"**{c}**" if lr == best_lr else c for c in cells) + " |")
         if best_lr is None:
             lines += ["", "No learning rate finished.", ""]

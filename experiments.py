@@ -32,8 +32,8 @@ SWEEP_LRS = {"transformer": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3
 # The recall preset's sweep (the rates each model was run at), each model's best by validation
 # loss in it, and the models that got seeds 2 and 3 at their best.
 RECALL_SWEEP = {"conv-attention": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["3e-3", "1e-2", "3e-2"],
-                "transformer": ["3e-3", "1e-2"]}
-RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-2", "transformer": "TRANSFORMER_BEST"}
+                "transformer": ["3e-3", "1e-2", "3e-2", "1e-1"]}
+RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-2", "transformer": "3e-2"}
 RECALL_SEEDS = ("conv-attention",)
 RECALL = "python benchmark.py --preset recall --wandb disabled"
 CPU = "python benchmark.py --preset cpu --wandb disabled"

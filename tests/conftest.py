@@ -30,3 +30,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A tiny finished benchmark.py run of the three families, in <tmp>/runs/smoke (the README's
+    path), trained once for every test file that reads its exports (treat it as read-only)."""
+    import benchmark
+    from test_benchmark import tiny_args
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("smoke") / "runs" / "smoke"
+    assert benchmark.main(tiny_args(out, models=("transformer", "mamba", "gam"), epochs=1)) == 0
+    return out

@@ -17,13 +17,11 @@ from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.trainers import BpeTrainer
 
-import benchmark
 import config
 import pretrained
 from data import SPECIAL_TOKENS
 from model_card import model_card, training_command
 from pretrained import from_pretrained, save_pretrained
-from test_benchmark import tiny_args
 from test_pretrained import CONFIG, MODELS, ids, make_model
 
 transformers = pytest.importorskip("transformers", exc_type=ModuleNotFoundError)
@@ -194,15 +192,6 @@ def test_a_folder_written_before_the_transformers_files_still_loads(tmp_path):
 # benchmark.py's exports
 
 
-@pytest.fixture(scope="module")
-def export_run(tmp_path_factory) -> Path:
-    """A tiny finished run of the three families, in <tmp>/runs/smoke (the README's path)."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("hf") / "runs" / "smoke"
-    assert benchmark.main(tiny_args(out, models=("transformer", "mamba", "gam"), epochs=1)) == 0
-    return out
-
-
 FRESH_PROCESS = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,9 +208,9 @@ torch.save(out, sys.argv[3])
 """
 
 
-def test_the_exports_open_in_a_fresh_process(export_run, tmp_path):
+def test_the_exports_open_in_a_fresh_process(smoke_run, tmp_path):
     """One process without the repository on its path opens the three exports."""
-    folders = [str(export_run / "models" / f"synthetic-{m}") for m in ("transformer", "mamba", "gam")]
+    folders = [str(smoke_run / "models" / f"synthetic-{m}") for m in ("transformer", "mamba", "gam")]
     vocab, block = from_pretrained(folders[0]).config.VOCAB_SIZE, from_pretrained(folders[0]).config.BLOCK_SIZE
     x = torch.randint(0, vocab, (2, block), generator=torch.Generator().manual_seed(0))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -243,9 +232,9 @@ def front_matter(card: str) -> dict:
 
 
 @pytest.mark.parametrize("model_name", ["transformer", "mamba", "gam"])
-def test_an_export_has_a_model_card(export_run, model_name):
-    folder = export_run / "models" / f"synthetic-{model_name}"
-    record = next(r for r in json.loads((export_run / "results.json").read_text()) if r["model"] == model_name)
+def test_an_export_has_a_model_card(smoke_run, model_name):
+    folder = smoke_run / "models" / f"synthetic-{model_name}"
+    record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == model_name)
     card = (folder / "README.md").read_text()
     meta = front_matter(card)
     assert set(meta) == {"library_name", "pipeline_tag", "tags", "datasets", "metrics"}
@@ -261,9 +250,9 @@ def test_an_export_has_a_model_card(export_run, model_name):
         assert f"at most the last **{model.receptive_field} tokens**" in card and "absolute position" in card
 
 
-def test_the_card_command_trains_the_same_model(export_run, tmp_path):
+def test_the_card_command_trains_the_same_model(smoke_run, tmp_path):
     """The card's command, parsed as benchmark.py parses it, gives the run's settings for this model."""
-    record = next(r for r in json.loads((export_run / "results.json").read_text()) if r["model"] == "gam")
+    record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == "gam")
     argv = training_command(record).split()
     assert argv[:2] == ["python", "benchmark.py"]
     parser = config.build_parser()
@@ -274,22 +263,22 @@ def test_the_card_command_trains_the_same_model(export_run, tmp_path):
     assert cfg["runs"] == {"synthetic": ["gam"]}
 
 
-def test_a_card_shows_test_loss_and_leaves_out_what_the_record_lacks(export_run):
-    record = next(r for r in json.loads((export_run / "results.json").read_text()) if r["model"] == "gam")
-    model = from_pretrained(export_run / "models" / "synthetic-gam")
+def test_a_card_shows_test_loss_and_leaves_out_what_the_record_lacks(smoke_run):
+    record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == "gam")
+    model = from_pretrained(smoke_run / "models" / "synthetic-gam")
     card = model_card({**record, "final_test_loss": 1.5, "final_test_ppl": 4.48}, model)
     assert "| Test | loss 1.5000, PPL 4.48" in card
     bare = model_card({}, model)  # a record without training facts: what the model says, no more
     assert bare.startswith("---\n") and "| Parameters |" in bare and "| Validation |" not in bare
 
 
-def test_readme_transformers_example_runs(export_run, monkeypatch, capsys):
+def test_readme_transformers_example_runs(smoke_run, monkeypatch, capsys):
     """The README's transformers block of "Use a trained model" runs as written on an export."""
     section = (REPO / "README.md").read_text().split("## Use a trained model", 1)[1].split("\n## ", 1)[0]
     blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
     snippet = next(b for b in blocks if "AutoModelForCausalLM" in b)
     assert "trust_remote_code=True" in snippet and "runs/smoke/models/synthetic-gam" in snippet
-    monkeypatch.chdir(export_run.parent.parent)
+    monkeypatch.chdir(smoke_run.parent.parent)
     exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out.strip()
     assert out.startswith("The weaver of the tower is") and len(out.split()) > 12

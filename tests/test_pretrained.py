@@ -16,14 +16,12 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import benchmark
-import config
 import runs
 import report
 from baselines import MambaLM, TransformerLM
 from data import PreparedData
 from gam_model import CausalLM, GAM_Model, ModelConfig
 from pretrained import HF_CODE_FILES, from_pretrained, save_pretrained
-from test_benchmark import tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(VOCAB_SIZE=40, BLOCK_SIZE=16, N_EMBED=16, N_LAYER=2, NUM_MEMORY_SLOTS=8, DROPOUT=0.1)
@@ -264,15 +262,6 @@ def test_a_failed_save_leaves_the_old_model(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # benchmark.py: models/<run>/ and samples.md
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    """A tiny finished run of the three families, in <tmp>/runs/smoke (the README's path)."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("pretrained") / "runs" / "smoke"
-    assert benchmark.main(tiny_args(out, models=("transformer", "mamba", "gam"), epochs=1)) == 0
-    return out
 
 
 def trained_model(run: Path, model_name: str) -> CausalLM:

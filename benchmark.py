@@ -33,7 +33,8 @@ import torch
 import distributed
 import runs
 from baselines import build_lm
-from common import atomic_write_json, atomic_write_text, autocast_context, free_memory, is_oom, one_line, run_metadata, sync
+from common import (StopSignals, atomic_write_json, atomic_write_text, autocast_context, free_memory, interrupt_exit_code,
+                    is_oom, one_line, run_metadata, sync)
 from config import (UsageError, build_parser, explicit_flags, family_of, model_config, rank_device, resolve_config,
                     resolve_device)
 from gam_model import ModelConfig
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a malformed flag: argparse's one line, exit 2
     where = Where()
-    with runs.StopSignals().installed() as stop:  # SIGTERM, like Ctrl-C, ends in the --resume line
+    with StopSignals().installed() as stop:  # SIGTERM, like Ctrl-C, ends in the --resume line
         try:
             return run_command(parser, args, where)
         except BaseException as e:
@@ -105,7 +106,7 @@ def failed(e: BaseException, where: Where) -> int:
     if isinstance(e, RunError):
         return fail(str(e), 1)
     if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: under torchrun every rank has it, rank 0 says it
-        code = runs.interrupt_exit_code(e)
+        code = interrupt_exit_code(e)
         return fail(runs.interrupted_line(where, e), code) if distributed.is_main() else code
     if isinstance(e, (MemoryError, RuntimeError, OSError)):
         if distributed.is_peer_failure(e):

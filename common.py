@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import gc
 import io
 import json
 import os
 import platform
+import secrets
+import signal
+import socket
 import subprocess
-import tempfile
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -27,20 +33,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder, then rename. The
+    temporary file's name is chosen before the file exists (unlike mkstemp's), so that a
+    Ctrl-C at any point leaves nothing behind: the clean-up always knows what to remove."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        # O_EXCL: never another's file; 0o666 less the umask: results are meant to be shared.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -169,3 +174,119 @@ def free_memory(device: str | torch.device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+class UsageError(Exception):
+    """Bad input (command line, run folder, data), found before anything is written: exit 2."""
+
+
+# ---------------------------------------------------------------------------------------
+# One command per folder: a lock that the kernel drops when its holder dies.
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderLock:
+    """An exclusive flock on <folder>/.lock, which holds the holder's PID and host. The kernel
+    drops a flock when its process dies in any way, so a killed command never blocks the next;
+    release() removes the file and the folders that acquiring created, if they stayed empty."""
+
+    def __init__(self, folder: Path, what: str, program: str):
+        self.path, self.created, self.program = folder / LOCK_NAME, [], program
+        missing = folder
+        while not missing.exists():
+            self.created.append(missing)
+            missing = missing.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fd = self._lock(what)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+    def _lock(self, what: str) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # e.g. NFS without a lock daemon
+                    print(f"{self.program}: warning: {self.path.parent} cannot be locked ({e.strerror}); nothing "
+                          "stops another command from writing into it at the same time", file=sys.stderr)
+                    return fd
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                self.fd = None
+                self.release()
+                other = ", or choose another --out-dir" if what == "--out-dir" else ""
+                raise UsageError(f"{what} {self.path.parent} is in use by another {self.program} ({self.holder()}): "
+                                 f"wait until it ends{other}") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its holder removed the file as we opened it: lock the new one
+
+    def holder(self) -> str:
+        try:
+            pid, host = self.path.read_text().split()
+            return f"PID {pid} on {host}"
+        except (OSError, ValueError):
+            return "its PID is not written yet"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one locks the file being removed
+            os.close(self.fd)
+            self.fd = None
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the command wrote there
+                break
+
+
+# ---------------------------------------------------------------------------------------
+# Stop signals: SIGTERM (Slurm, Kubernetes, torchrun stopping a job) is handled as Ctrl-C.
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM. A KeyboardInterrupt, so that every clean-up on the way out (the temporary file
+    of an atomic write, the data loader's workers, wandb) treats it as Ctrl-C."""
+
+
+def interrupt_exit_code(e: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # the shells' convention
+
+
+class StopSignals:
+    """While armed, the first SIGINT or SIGTERM raises KeyboardInterrupt or Terminated in the
+    main thread; later ones are ignored, so that a second signal (torchrun answers Ctrl-C with
+    SIGTERM) cannot cut short the saving and the one line of the first. kill -9 still stops."""
+
+    def __init__(self):
+        self.armed, self.previous = True, {}
+
+    def handle(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers for the block, then the previous ones back (main() also runs in-process)."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        # A signal ignored on purpose (SIGINT of a background job, nohup) stays ignored.
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)
+                         if signal.getsignal(s) is not signal.SIG_IGN}
+        try:
+            yield self
+        finally:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)

@@ -18,7 +18,7 @@ import torch
 
 import distributed
 from baselines import MAMBA_IMPLS, MODEL_NAMES
-from common import OneLineParser, int_at_least, one_line
+from common import OneLineParser, UsageError, int_at_least, one_line
 from gam_model import ModelConfig
 
 
@@ -87,10 +87,6 @@ OLDER_CONFIG_DEFAULTS = {"dtype": "fp32", "compile": False, "world_size": 1}
 RESUME_FLAGS = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir", "dist_timeout"}
 MAX_VOCAB = 2**20
 MAX_SEED = 2**63  # torch.manual_seed and the sampler's generator take seeds below this
-
-
-class UsageError(Exception):
-    """Bad input (command line, run folder, data), found before anything is written: exit 2."""
 
 
 HELP = {

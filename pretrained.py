@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -67,8 +68,10 @@ def save_pretrained(model: CausalLM, folder: str | os.PathLike, extra_files: dic
     takes its place, so a reader (or a crash) never sees a half-written
     model. ``folder`` may be new, an empty folder or a folder saved here before (replaced;
     files of it that this call does not write, such as a tokenizer, are kept); any other
-    non-empty folder is refused (ValueError), never overwritten. Bad arguments are a
-    ValueError before anything is written.
+    non-empty folder is refused (ValueError), never overwritten. A symlink to a folder is
+    followed (the folder it names is replaced; the link stays); a mount point, whose place no
+    rename can take, is refused. Bad arguments are a ValueError before anything is written;
+    weights with NaN or infinite values are saved with a warning.
     """
     save_file = _safetensors("save_file")
     _check_extra_files(extra_files)
@@ -77,6 +80,7 @@ def save_pretrained(model: CausalLM, folder: str | os.PathLike, extra_files: dic
         raise ValueError("the token embedding and the head are no longer tied (one tensor); "
                          "re-tie them (model.token_embedding.weight = model.head.weight) before saving")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED_KEY}
+    _warn_if_not_finite(tensors, f"saving to {folder}: the model")
     config = {"format": PRETRAINED_FORMAT, "family": model.family, "model_config": model.config.to_dict(),
               "family_config": model.family_config(), "dtype": str(model.head.weight.dtype).split(".")[-1],
               "tied_weights": {_TIED_KEY: "head.weight"}, **_transformers_config(model.config)}
@@ -109,7 +113,8 @@ def from_pretrained(folder: str | os.PathLike, device=None, expect: type | None 
     saved = _read_pretrained_config(folder)
     cls = _class_to_build(saved["family"], folder, expect)
     config = ModelConfig(**saved["model_config"])
-    device = torch.device("cpu") if device is None else torch.device(device)
+    device = _load_device(device)
+    _check_family_config(cls, saved["family_config"], folder)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = _build(cls, config, {**saved["family_config"], **kwargs}, device)
     try:
@@ -118,6 +123,7 @@ def from_pretrained(folder: str | os.PathLike, device=None, expect: type | None 
         raise ValueError(f"{folder / WEIGHTS_NAME} is unreadable ({' '.join(str(e).split())}); "
                          "save the model again with save_pretrained") from None
     _check_tensor_names(model, tensors, folder)
+    _warn_if_not_finite(tensors, f"{folder / WEIGHTS_NAME}:")
     tensors[_TIED_KEY] = tensors["head.weight"]
     model.to(device=device, dtype=getattr(torch, saved["dtype"]))
     try:
@@ -126,6 +132,41 @@ def from_pretrained(folder: str | os.PathLike, device=None, expect: type | None 
         raise ValueError(f"{folder / WEIGHTS_NAME} does not fit {folder / CONFIG_NAME} "
                          f"({' '.join(str(e).split())[:300]}); save the model again with save_pretrained") from None
     return model.eval()  # as Hugging Face's: ready to use; .train() to fine-tune
+
+
+def _load_device(device) -> torch.device:
+    """torch.device(device), CPU for None; a name torch does not know, or CUDA where there is
+    none, is a ValueError naming the choices."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({' '.join(str(e).split())[:120]}); "
+                         "give e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available here; load with device='cpu'")
+    return device
+
+
+def _check_family_config(cls: type, family_config: dict, folder: Path) -> None:
+    """The saved family arguments are ones the class takes (a config.json edited by hand, or
+    written by another version, may name others)."""
+    takes = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        return
+    unknown = sorted(set(family_config) - set(takes))
+    if unknown:
+        raise ValueError(f"{folder / CONFIG_NAME}: family_config has arguments {unknown} that {cls.__name__} "
+                         f"does not take; save the model again with save_pretrained")
+
+
+def _warn_if_not_finite(tensors: dict, where: str) -> None:
+    """A model whose weights hold NaN or infinity predicts nothing useful: say so, by name."""
+    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        warnings.warn(f"{where} weights {_first_five(bad)} hold NaN or infinite values (the training "
+                      "diverged?); the model's outputs will be NaN", RuntimeWarning, stacklevel=3)
 
 
 def _transformers_config(c: ModelConfig) -> dict:
@@ -228,8 +269,10 @@ def _read_pretrained_config(folder: Path) -> dict:
             and isinstance(saved["model_config"], dict) and isinstance(saved["family_config"], dict)):
         raise ValueError(f"{path} is not a saved-model config (format {PRETRAINED_FORMAT!r} with "
                          f"{', '.join(keys)}); save the model with save_pretrained")
-    if not isinstance(getattr(torch, str(saved["dtype"]), None), torch.dtype):
-        raise ValueError(f"{path}: unknown dtype {saved['dtype']!r}; save the model again with save_pretrained")
+    dtype = getattr(torch, str(saved["dtype"]), None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{path}: dtype {saved['dtype']!r} is not a floating-point torch dtype (float32, "
+                         "bfloat16, ...); save the model again with save_pretrained")
     unknown = set(saved["model_config"]) - {f.name for f in fields(ModelConfig)}
     if unknown:
         raise ValueError(f"{path}: unknown ModelConfig fields {sorted(unknown)}; save the model again")
@@ -277,13 +320,22 @@ def _check_extra_files(extra_files: dict | None) -> None:
 def _replace_folder(path: Path, write) -> None:
     """Fill a fresh temporary folder beside ``path`` with ``write(folder)``, then put it in
     the place of ``path`` by renames: readers see the old folder or the new, whole one."""
+    path = _real_target(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file; save into a new or empty folder")
+    if path.is_dir() and os.path.ismount(path):
+        raise ValueError(f"{path} is a mount point, whose place a saved folder cannot take by a rename; "
+                         f"save into a folder inside it, e.g. {path / 'model'}")
     old = path.is_dir() and any(path.iterdir())
     if old and not is_saved_model(path):
         raise ValueError(f"{path} is a non-empty folder that holds no saved model; "
                          "save into a new or empty folder (nothing was written)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in reversed(path.parents) if p.exists() and not p.is_dir())
+        raise ValueError(f"{blocker} is a file, so no folder can be made under it; save into another "
+                         "folder (nothing was written)") from None
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         write(tmp)
@@ -296,6 +348,17 @@ def _replace_folder(path: Path, write) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _real_target(path: Path) -> Path:
+    """Where saving into ``path`` writes: the folder a symlink names (so the link keeps
+    naming the saved model, instead of being replaced by a folder), else ``path``."""
+    if not path.is_symlink():
+        return path
+    target = path.resolve()  # a loop of links is an OSError (RuntimeError before Python 3.13)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{path} is a link to the file {target}; save into a new or empty folder")
+    return target
 
 
 def _share(tmp: Path) -> None:
@@ -314,11 +377,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
         return
     trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-    os.replace(path, trash / "old")
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(trash / "old", path)  # the old model back in its place
-        raise
+        os.replace(path, trash / "old")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(trash / "old", path)  # the old model back in its place
+            raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)

@@ -8,16 +8,11 @@ containers (weights_only=True), so a file from elsewhere cannot run code here.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import pickle
 import shlex
-import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -30,8 +25,9 @@ from pathlib import Path
 import torch
 
 import distributed
-from common import atomic_torch_save, atomic_write_json, one_line, run_metadata
-from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, UsageError, flag, is_paper_config
+from common import (LOCK_NAME, FolderLock, Terminated, UsageError, atomic_torch_save, atomic_write_json, one_line,
+                    run_metadata)
+from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, flag, is_paper_config
 from pretrained import is_saved_model, save_pretrained
 
 
@@ -89,7 +85,7 @@ def claim_folder(cfg: dict, args: argparse.Namespace, where: Where) -> None:
     error = None
     if distributed.is_main():
         try:
-            where.lock = FolderLock(Path(cfg["out_dir"]), "--resume" if args.resume else "--out-dir")
+            where.lock = FolderLock(Path(cfg["out_dir"]), "--resume" if args.resume else "--out-dir", "benchmark.py")
             if args.resume:
                 check_exports(cfg)
                 remove_stale_temporaries(Path(cfg["out_dir"]) / "checkpoints")
@@ -133,69 +129,6 @@ def remove_stale_temporaries(folder: Path) -> None:
     for tmp in folder.glob(".*.tmp"):
         if tmp.is_file():
             tmp.unlink(missing_ok=True)
-
-
-LOCK_NAME = ".lock"
-
-
-class FolderLock:
-    """An exclusive flock on <folder>/.lock, which holds the holder's PID and host. The kernel
-    drops a flock when its process dies in any way, so a killed command never blocks the next;
-    release() removes the file and the folders that acquiring created, if they stayed empty."""
-
-    def __init__(self, folder: Path, what: str):
-        self.path, self.created = folder / LOCK_NAME, []
-        missing = folder
-        while not missing.exists():
-            self.created.append(missing)
-            missing = missing.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        self.fd = self._lock(what)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-
-    def _lock(self, what: str) -> int:
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # e.g. NFS without a lock daemon
-                    print(f"benchmark.py: warning: {self.path.parent} cannot be locked ({e.strerror}); nothing "
-                          "stops another command from writing into it at the same time", file=sys.stderr)
-                    return fd
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                self.fd = None
-                self.release()
-                other = ", or choose another --out-dir" if what == "--out-dir" else ""
-                raise UsageError(f"{what} {self.path.parent} is in use by another benchmark.py ({self.holder()}): "
-                                 f"wait until it ends{other}") from None
-            try:
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    return fd
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # its holder removed the file as we opened it: lock the new one
-
-    def holder(self) -> str:
-        try:
-            pid, host = self.path.read_text().split()
-            return f"PID {pid} on {host}"
-        except (OSError, ValueError):
-            return "its PID is not written yet"
-
-    def release(self) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while still held: no one locks the file being removed
-            os.close(self.fd)
-            self.fd = None
-        for folder in self.created:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: the command wrote there
-                break
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -484,51 +417,6 @@ def interrupted_line(where: Where, e: KeyboardInterrupt) -> str:
     if where.resume_command:
         return f"{what} during {where.stage}; {saved_epochs(where)}. Resume with: {where.resume_command}"
     return f"{what} during {where.stage}; nothing was written"
-
-
-# ---------------------------------------------------------------------------------------
-# Stop signals: SIGTERM (Slurm, Kubernetes, torchrun stopping a job) is handled as Ctrl-C.
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM. A KeyboardInterrupt, so that every clean-up on the way out (the temporary file
-    of an atomic write, the data loader's workers, wandb) treats it as Ctrl-C."""
-
-
-def interrupt_exit_code(e: KeyboardInterrupt) -> int:
-    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)  # the shells' convention
-
-
-class StopSignals:
-    """While armed, the first SIGINT or SIGTERM raises KeyboardInterrupt or Terminated in the
-    main thread; later ones are ignored, so that a second signal (torchrun answers Ctrl-C with
-    SIGTERM) cannot cut short the saving and the one line of the first. kill -9 still stops."""
-
-    def __init__(self):
-        self.armed, self.previous = True, {}
-
-    def handle(self, signum, frame) -> None:
-        if self.armed:
-            self.armed = False
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    def disarm(self) -> None:
-        self.armed = False
-
-    @contextlib.contextmanager
-    def installed(self):
-        """The handlers for the block, then the previous ones back (main() also runs in-process)."""
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield self
-            return
-        # A signal ignored on purpose (SIGINT of a background job, nohup) stays ignored.
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)
-                         if signal.getsignal(s) is not signal.SIG_IGN}
-        try:
-            yield self
-        finally:
-            for s, handler in self.previous.items():
-                signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------

@@ -54,13 +54,15 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from baselines import BLOCK_NAMES, build_block, build_lm
 from gam_model import ModelConfig
-from common import (DTYPES, MIB, OneLineParser, atomic_write_text, autocast_context, free_memory, int_at_least, is_oom,
+from common import (DTYPES, LOCK_NAME, MIB, FolderLock, OneLineParser, StopSignals, Terminated, UsageError,
+                    interrupt_exit_code, atomic_write_text, autocast_context, free_memory, int_at_least, is_oom,
                     run_metadata, sync)
 from report import PAPER_TABLE2, new_figure, save_figure
 
@@ -123,7 +125,7 @@ def label(name):
 
 
 def mode(args) -> dict:
-    return MODES[getattr(args, "mode", "train")]
+    return MODES[args.mode]
 
 
 # -----------------------------------------------------------------------------
@@ -203,14 +205,11 @@ def parse_args(argv=None):
     args.seq_lens = sorted(set(args.seq_lens))       # ascending: "longer lengths" are the later ones
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", "scale-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):  # an earlier sweep's or a user's files
-        p.error(f"--out-dir {args.out_dir} is not empty; a sweep writes into a new or empty folder only: "
-                "choose another --out-dir")
     return args
 
 
 def is_paper_config(args) -> bool:
-    return getattr(args, "mode", "train") == "train" and all(getattr(args, k) == v for k, v in PAPER_CONFIG.items())
+    return args.mode == "train" and all(getattr(args, k) == v for k, v in PAPER_CONFIG.items())
 
 
 def cpu_autocast_supports(dtype: torch.dtype) -> bool:
@@ -443,11 +442,16 @@ def run_in_worker(name, seq_len, args) -> dict:
 def run_point(name, seq_len, args) -> dict:
     """CPU: in a fresh worker process (sound peak RSS). CUDA: here (the allocator counts).
     Decoding: here (its memory is counted from the state's tensors, not measured)."""
-    if getattr(args, "mode", "train") == "decode":
+    if args.mode == "decode":
         return bench_decode_point(name, seq_len, args)
-    if args.device == "cpu":
+    if in_worker(args):
         return run_in_worker(name, seq_len, args)
     return bench_point(name, seq_len, args)
+
+
+def in_worker(args) -> bool:
+    """Whether run_point measures in a worker process (CPU training) rather than in this one."""
+    return args.device == "cpu" and args.mode == "train"
 
 
 def failure(exc) -> dict:
@@ -487,7 +491,8 @@ def run_sweep(args, on_row=None) -> list[dict]:
                 res = run_point(name, L, args)
             except Exception as e:
                 res = failure(e)
-            free_memory(args.device)  # after the except block, so the traceback's tensors are gone
+            if not in_worker(args):  # a worker's memory went with it; a full collection here costs ~0.1 s
+                free_memory(args.device)  # after the except block, so the traceback's tensors are gone
         if res["status"] == "skipped":
             skipped_at.setdefault(name, L)
         if res["status"] == "error":
@@ -529,7 +534,7 @@ def exponents(rows, args) -> dict:
         xs = [r["seq_len"] for r in ok]
         out[name] = {"time": fit_exponent(xs, [r["time_ms_median"] for r in ok]),
                      "memory": fit_exponent(xs, [r[mode(args)["memory"]] for r in ok])}
-        if getattr(args, "mode", "train") == "decode":
+        if args.mode == "decode":
             out[name]["reencode_time"] = fit_exponent(xs, [r["reencode_ms_median"] for r in ok])
     return out
 
@@ -584,7 +589,7 @@ def markdown_table(rows, args) -> str:
         lines.append(f"| {label(name)} | {f(exps[name]['time'])} | {f(exps[name]['memory'])} |")
         if paper and name in pexps:
             lines.append(f"| {label(name)}, paper | {f(pexps[name]['time'])} | {f(pexps[name]['memory'])} |")
-    if getattr(args, "mode", "train") == "decode":
+    if args.mode == "decode":
         lines += ["", f"One generated token of the language model (ModelConfig defaults, d_model {args.d_model}, "
                       f"{args.n_head} heads, untrained) after a context of T tokens, {args.device}, {args.dtype}, "
                       f"batch {args.batch_size}: streaming with the decoding state, median of {args.iters} after "
@@ -607,9 +612,9 @@ def metadata(args, rows) -> dict:
         "script": "scale.py", "paper": "arXiv:2509.00605, Table 2",
         "cpu_threads": args.threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "dtype": args.dtype, "args": vars(args), "paper_config": is_paper_config(args),
-        "memory_unit": "MiB (2**20 bytes)", "mode": getattr(args, "mode", "train"),
+        "memory_unit": "MiB (2**20 bytes)", "mode": args.mode,
         "compile": getattr(args, "compile", False),
-        "memory_measure": DECODE_MEASURE if getattr(args, "mode", "train") == "decode" else MEMORY_MEASURE[args.device],
+        "memory_measure": DECODE_MEASURE if args.mode == "decode" else MEMORY_MEASURE[args.device],
         "exponents": exponents(rows, args),
         "complete": len(rows) == len(args.models) * len(args.seq_lens),
     })
@@ -659,6 +664,19 @@ def plot(rows, args, key, ylabel, filename, paper_index) -> None:
     save_figure(fig, os.path.join(args.out_dir, filename), dpi=120, bbox_inches="tight")
 
 
+def claim_out_dir(out_dir: str) -> FolderLock:
+    """The lock on a new or empty --out-dir, taken before anything is written: a second sweep
+    into it, or one into an earlier sweep's or a user's files, would replace them."""
+    lock = FolderLock(Path(out_dir), "--out-dir", "scale.py")
+    others = sorted(name for name in os.listdir(out_dir) if name != LOCK_NAME)
+    if others:
+        lock.release()
+        raise UsageError(f"--out-dir {out_dir} is not empty (it holds {', '.join(others[:3])}"
+                         f"{' ...' if len(others) > 3 else ''}); a sweep writes into a new or empty folder only: "
+                         "choose another --out-dir")
+    return lock
+
+
 def write_outputs(rows, args) -> str:
     write_results(rows, args)
     table = markdown_table(rows, args)
@@ -670,16 +688,25 @@ def write_outputs(rows, args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)  # fail before the sweep, not after it
-        rows = run_sweep(args, on_row=lambda rows: write_results(rows, args))
-        table = write_outputs(rows, args)
-    except OSError as e:  # e.g. an unwritable --out-dir: one line and exit 2, as a bad argument
-        print(f"scale.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"scale.py: interrupted; partial results in {args.out_dir}", file=sys.stderr)
-        return 130
+    with StopSignals().installed() as stop:  # SIGTERM (a scheduler's stop), like Ctrl-C: the line, then exit
+        try:
+            lock = claim_out_dir(args.out_dir)
+        except (OSError, UsageError) as e:  # e.g. an unwritable --out-dir: one line and exit 2, as a bad argument
+            print(f"scale.py: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            rows = run_sweep(args, on_row=lambda rows: write_results(rows, args))
+            table = write_outputs(rows, args)
+        except OSError as e:
+            print(f"scale.py: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            stop.disarm()  # a second signal must not cut the line short
+            what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+            print(f"scale.py: {what}; partial results in {args.out_dir}", file=sys.stderr)
+            return interrupt_exit_code(e)
+        finally:
+            lock.release()
     print(table)
     names = ["results.csv", "results.json", mode(args)["table"], *(p[2] for p in mode(args)["plots"])]
     print(f"wrote {args.out_dir}/{{{','.join(names)}}}")

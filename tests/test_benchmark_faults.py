@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import benchmark
+import common
 import config
 import runs
 from test_benchmark import tiny_args
@@ -186,7 +187,7 @@ def test_a_folder_that_cannot_be_locked_is_used_with_a_warning(tmp_path, capsys,
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")  # e.g. NFS without its lock daemon
 
-    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    monkeypatch.setattr(common.fcntl, "flock", no_locks)
     code, err = run_main(tiny_args(tmp_path / "out", "--unigram-only"), capsys)
     assert code == 0
     assert_one_line(err, f"warning: {tmp_path / 'out'} cannot be locked (No locks available)")
@@ -541,39 +542,54 @@ def resume_line(out: Path) -> str:
     return f"Resume with: python benchmark.py --resume {out} --cache-dir {out.parent / 'cache'} --wandb disabled"
 
 
+def signalled_in_process(out: Path, stall, signum: int, capsys, monkeypatch) -> tuple[int, list[str], list]:
+    """(exit code, stderr lines, temporary checkpoint files at the stall) of benchmark.main
+    training out, sent signum by itself at `stall`. signal.raise_signal signals this thread, whose
+    Python handler then runs before the call returns: the same handler, at the same point, as a
+    signal from outside, without the seconds of starting a process."""
+    monkeypatch.setattr(benchmark, "train_epoch", benchmark.train_epoch)  # put back after the test
+    monkeypatch.setattr(os, "replace", os.replace)
+    at_stall = []
+
+    def send_signal():
+        at_stall.append(list((out / "checkpoints").glob(".*.tmp")))
+        signal.raise_signal(signum)
+
+    stall(benchmark, send_signal)
+    code, err = run_main(tiny_args(out, epochs=3), capsys)
+    return code, err, at_stall
+
+
 @pytest.mark.parametrize("signum, code, what", [(signal.SIGINT, 130, "interrupted"),
                                                 (signal.SIGTERM, 143, "stopped by SIGTERM")],
                          ids=["ctrl_c", "sigterm"])
 def test_ctrl_c_mid_epoch_prints_the_resume_command_then_resume_reaches_the_same_numbers(
         signum, code, what, finished_run, capsys):
-    # SIGTERM is how Slurm, Kubernetes and torchrun stop a job: the same as Ctrl-C, exit 128 + 15.
+    # A real process, stopped from outside: its exit code and its one line. SIGTERM is how Slurm,
+    # Kubernetes and torchrun stop a job: the same as Ctrl-C, exit 128 + 15.
     out = finished_run.parent / f"interrupted-{code}"
     child = start_stalled_child(out)
     assert stop(child, signum) == (code, [f"benchmark.py: {what} during synthetic/gam epoch 2/3; every finished "
                                           f"epoch is saved. {resume_line(out)}"])
     assert not (out / ".lock").exists()
-    assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
+    if signum == signal.SIGINT:
+        assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
+    else:  # the same handler saved the same state; one resume (seconds of the suite) checks it
+        assert len(torch.load(out / "checkpoints" / "synthetic-gam.pt", weights_only=True)["epochs"]) == 1
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl_c", "sigterm"])
 def test_a_signal_during_a_checkpoint_write_leaves_no_temporary_file_and_names_the_lost_epoch(
-        signum, code, finished_run, capsys):
+        signum, code, finished_run, capsys, monkeypatch):
     out = finished_run.parent / f"stopped-while-saving-{code}"
-    child = start_stalled_child(out, "stall_in_checkpoint_write")
-    assert list((out / "checkpoints").glob(".*.tmp"))  # the stall is mid-write: the temporary file is there
-    got, err = stop(child, signum)
+    got, err, at_stall = signalled_in_process(out, stall_in_checkpoint_write, signum, capsys, monkeypatch)
+    assert len(at_stall) == 1 and at_stall[0]  # the stall is mid-write: the temporary file is there
     assert got == code
     assert_one_line(err, "during synthetic/gam checkpoint of epoch 2/3; every finished epoch is saved except "
                          "epoch 2 of synthetic/gam, whose checkpoint was not written (synthetic/gam resumes after "
                          "epoch 1)", resume_line(out))
     assert not list((out / "checkpoints").glob(".*.tmp"))
-    assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
-
-
-def test_kill_9_mid_epoch_then_resume_reaches_the_same_numbers(finished_run, capsys):
-    out = finished_run.parent / "killed"
-    child = start_stalled_child(out)
-    assert stop(child, signal.SIGKILL)[0] == -signal.SIGKILL
+    monkeypatch.undo()  # the real train_epoch and os.replace for the resume
     assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
 
 
@@ -586,9 +602,10 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_temporary_file_that_resume_re
     assert not list((out / "checkpoints").glob(".*.tmp"))
 
 
-def test_a_folder_in_use_is_refused_until_its_run_dies(finished_run, capsys):
+def test_a_folder_in_use_is_refused_until_kill_9_then_resume_reaches_the_same_numbers(finished_run, capsys):
     # A real second process: while the child trains the folder, no other command may write into
-    # it; kill -9 (the kernel drops the lock) frees it for --resume.
+    # it; kill -9 mid-epoch (the kernel drops the lock) frees it for --resume, which reaches the
+    # numbers of a straight run.
     out = finished_run.parent / "in-use"
     child = start_stalled_child(out)
     try:
@@ -603,6 +620,7 @@ def test_a_folder_in_use_is_refused_until_its_run_dies(finished_run, capsys):
     finally:
         child.kill()
         child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
     assert_resumes_to_the_straight_numbers(out, finished_run, capsys)
 
 

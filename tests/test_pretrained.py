@@ -260,6 +260,93 @@ def test_a_failed_save_leaves_the_old_model(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def edit_config(folder: Path, edit) -> None:
+    saved = json.loads((folder / "config.json").read_text())
+    edit(saved)
+    (folder / "config.json").write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("edit, message", [
+    pytest.param(lambda c: c.update(dtype="int64"), "'int64' is not a floating-point torch dtype", id="int-dtype"),
+    pytest.param(lambda c: c.update(dtype="not_a_dtype"), "is not a floating-point torch dtype", id="no-dtype"),
+    pytest.param(lambda c: c["family_config"].update(bogus=1), r"arguments \['bogus'\] that GAM_Model does not take",
+                 id="family-key"),
+])
+def test_a_config_edited_by_hand_is_a_value_error(tmp_path, edit, message):
+    save_pretrained(make_model("gam"), tmp_path / "m")
+    edit_config(tmp_path / "m", edit)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "'bogus' is not a torch device"),
+    (3.5, "3.5 is not a torch device"),
+    pytest.param("cuda", "CUDA is not available here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_a_bad_device_is_a_value_error(tmp_path, device, message):
+    save_pretrained(make_model("gam"), tmp_path / "m")
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(tmp_path / "m", device=device)
+
+
+def test_saving_under_a_file_is_a_value_error_and_writes_nothing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file, so no folder can be made under it"):
+        save_pretrained(make_model("gam"), tmp_path / "afile" / "sub" / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == "x"
+
+
+def test_saving_through_a_symlink_replaces_the_model_it_names_and_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    save_pretrained(make_model("gam"), tmp_path / "link")
+    save_pretrained(make_model("transformer"), tmp_path / "link")  # replaces the saved GAM behind the link
+    assert (tmp_path / "link").is_symlink() and isinstance(from_pretrained(tmp_path / "real"), TransformerLM)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no temporary folder left
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to-file").symlink_to("file")
+    with pytest.raises(ValueError, match="is a link to the file"):
+        save_pretrained(make_model("gam"), tmp_path / "to-file")
+
+
+def test_a_mount_point_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # A rename cannot take a mount point's place (EBUSY): the save would fail half-way.
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount)
+    with pytest.raises(ValueError, match=f"is a mount point.*{mount / 'model'}"):
+        save_pretrained(make_model("gam"), mount)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"] and not any(mount.iterdir())
+
+
+def test_a_failed_rename_leaves_no_old_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    save_pretrained(make_model("gam"), folder)
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if Path(src) == folder:
+            raise OSError(16, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(OSError, match="busy"):
+        save_pretrained(make_model("transformer"), folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and isinstance(from_pretrained(folder), GAM_Model)
+
+
+def test_non_finite_weights_are_saved_and_loaded_with_a_warning_naming_them(tmp_path):
+    model = make_model("gam")
+    with torch.no_grad():
+        model.blocks[1].memory_bank[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"blocks\.1\.memory_bank hold NaN or infinite values"):
+        save_pretrained(model, tmp_path / "m")
+    with pytest.warns(RuntimeWarning, match=r"model\.safetensors: weights blocks\.1\.memory_bank hold NaN"):
+        from_pretrained(tmp_path / "m")
+
+
 # ---------------------------------------------------------------------------------------------
 # benchmark.py: models/<run>/ and samples.md
 

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,8 +35,8 @@ import runs
 from baselines import build_lm
 from common import (StopSignals, atomic_write_json, atomic_write_text, autocast_context, free_memory, interrupt_exit_code,
                     is_oom, one_line, run_metadata, sync)
-from config import (UsageError, build_parser, explicit_flags, family_of, model_config, rank_device, resolve_config,
-                    resolve_device)
+from config import (TrainConfig, UsageError, build_parser, explicit_flags, family_of, model_config, rank_device,
+                    resolve_config, resolve_device, saved_fingerprints)
 from gam_model import ModelConfig
 from report import print_tables, speed_markdown, speed_row, write_report, write_results, write_unigram
 from runs import DivergedError, RunError, Where
@@ -73,26 +73,28 @@ def run_command(parser, args, where: Where) -> int:
         if distributed.world_size() > 1:
             raise UsageError("--report trains nothing: run it with python, not torchrun")
         runs.claim_folder(cfg, args, where)
-        return write_report(args.report, explicit, Path(cfg["out_dir"]))
+        return write_report(args.report, explicit, Path(cfg.out_dir))
     distributed.init(device, args.dist_timeout)  # under torchrun; nothing in a plain run
-    cfg["out_dir"] = where.out_dir = distributed.gather_objects(cfg["out_dir"])[0]  # rank 0's runs/<timestamp>
+    cfg = replace(cfg, out_dir=distributed.gather_objects(cfg.out_dir)[0])  # rank 0's runs/<timestamp>
+    where.out_dir = cfg.out_dir
     runs.claim_folder(cfg, args, where)  # before anything is written into it
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # one copy of the progress lines: rank 0's
     if args.resume:  # the folder already holds a run: a Ctrl-C from here on can be resumed
         where.resume_command = runs.resume_command(cfg, args, explicit)
-    mode = runs.resolve_wandb_mode(args.wandb, cfg["out_dir"]) if distributed.is_main() else "disabled"
-    logger = runs.WandbLogger(mode, args.wandb_project, cfg["out_dir"])
-    print(f"benchmark: preset {cfg['preset']}, device {device}, out-dir {cfg['out_dir']}, wandb {logger.mode}")
+    mode = runs.resolve_wandb_mode(args.wandb, cfg.out_dir) if distributed.is_main() else "disabled"
+    logger = runs.WandbLogger(mode, args.wandb_project, cfg.out_dir)
+    print(f"benchmark: preset {cfg.preset}, device {device}, out-dir {cfg.out_dir}, wandb {logger.mode}")
     if args.speed_steps:
         return measure_speed(cfg, device, args.speed_steps, where)
-    data = prepare_data(cfg, runs.cache_dir(args), where)
+    saved = saved_fingerprints(Path(cfg.out_dir)) if args.resume else None
+    data = prepare_data(cfg, runs.cache_dir(args), where, saved)
     if args.unigram_only:
-        return write_unigram(data, Path(cfg["out_dir"]))
+        return write_unigram(data, Path(cfg.out_dir))
     preflight(cfg, data, device, where)
-    runs.start_run(cfg, args, explicit, where)
+    runs.start_run(cfg, data, args, explicit, where)
     run_all(cfg, data, device, logger, where)
-    print_tables(Path(cfg["out_dir"]))
+    print_tables(Path(cfg.out_dir))
     return 0
 
 
@@ -126,30 +128,28 @@ def fail(line: str, code: int) -> int:
 # Data: every dataset prepared, checked and fingerprinted before any model is built.
 
 
-def prepare_data(cfg: dict, cache: Path, where: Where) -> dict:
-    """dataset -> data.PreparedData. On a fresh run the data's fingerprint goes into cfg (and
-    so config.json); on --resume a changed train set, validation set or tokenizer is refused,
-    since the checkpoints were trained on the old ones."""
-    data, saved = {}, cfg.get("data_fingerprint")
-    for dataset in cfg["runs"]:
+def prepare_data(cfg: TrainConfig, cache: Path, where: Where, saved: dict | None = None) -> dict:
+    """dataset -> data.PreparedData. On --resume (``saved``: the fingerprints in config.json) a
+    changed train set, validation set or tokenizer is refused, since the checkpoints were
+    trained on the old ones."""
+    data = {}
+    for dataset in cfg.runs:
         where.stage = f"preparing {dataset}"
         prepared = load_dataset(cfg, dataset, cache)
         info = prepared.info
-        fingerprint = runs.data_fingerprint(prepared)
         if saved is not None:
-            runs.check_same_data(cfg, dataset, saved[dataset], fingerprint)
-        cfg.setdefault("data_fingerprint", {})[dataset] = fingerprint
+            runs.check_same_data(cfg, dataset, saved[dataset], prepared.fingerprint)
         info["unigram_val_ppl"] = None if dataset == "mqar" else prepared.unigram_perplexity()
         unigram = f", unigram validation PPL {info['unigram_val_ppl']:.2f}" if info["unigram_val_ppl"] else ""
         test = f" / {info['blocks']['test']:,} test" if prepared.test is not None else ""
         print(f"{dataset}: {info['blocks']['train']:,} train / {info['blocks']['validation']:,} validation{test} "
               f"blocks, vocab {info['vocab_size']:,}{unigram}")
         data[dataset] = prepared
-    runs.check_ranks_agree(cfg["data_fingerprint"])
+    runs.check_ranks_agree({dataset: prepared.fingerprint for dataset, prepared in data.items()})
     return data
 
 
-def load_dataset(cfg: dict, dataset: str, cache: Path):
+def load_dataset(cfg: TrainConfig, dataset: str, cache: Path):
     """The data.PreparedData of one dataset, its token ids checked; a DataError is bad input,
     and so is data too large for memory (found before anything is written)."""
     from data import DataError
@@ -171,20 +171,20 @@ def load_dataset(cfg: dict, dataset: str, cache: Path):
     return prepared
 
 
-def build_dataset(cfg: dict, dataset: str, cache: Path):
+def build_dataset(cfg: TrainConfig, dataset: str, cache: Path):
     from data import build_loaders, build_mqar_loaders
 
     shard = dict(rank=distributed.rank(), world_size=distributed.world_size())
     if dataset == "mqar":
         return build_mqar_loaders(
-            vocab_size=cfg["vocab_size"], block_size=cfg["block_size"], num_kv_pairs=cfg["mqar_kv_pairs"],
-            num_train=cfg["mqar_train_examples"], num_validation=cfg["mqar_val_examples"],
-            batch_size=cfg["batch_size"], seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
+            vocab_size=cfg.vocab_size, block_size=cfg.block_size, num_kv_pairs=cfg.mqar_kv_pairs,
+            num_train=cfg.mqar_train_examples, num_validation=cfg.mqar_val_examples,
+            batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, **shard)
     return build_loaders(
-        dataset, data_dir=cfg["data_dirs"].get(dataset), block_size=cfg["block_size"],
-        batch_size=cfg["batch_size"], vocab_size=cfg["vocab_size"], tokenizer_splits=cfg["tokenizer_splits"],
-        max_train_rows=cfg["max_train_rows"], max_val_rows=cfg["max_val_rows"], cache_dir=str(cache),
-        seed=cfg["seed"], num_workers=cfg["num_workers"], **shard)
+        dataset, data_dir=cfg.data_dirs.get(dataset), block_size=cfg.block_size,
+        batch_size=cfg.batch_size, vocab_size=cfg.vocab_size, tokenizer_splits=cfg.tokenizer_splits,
+        max_train_rows=cfg.max_train_rows, max_val_rows=cfg.max_val_rows, cache_dir=str(cache),
+        seed=cfg.seed, num_workers=cfg.num_workers, **shard)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,15 +193,15 @@ def build_dataset(cfg: dict, dataset: str, cache: Path):
 SPEED_WARMUP_STEPS = 2  # untimed: the first steps allocate optimizer state and warm caches
 
 
-def measure_speed(cfg: dict, device: torch.device, steps: int, where: Where) -> int:
+def measure_speed(cfg: TrainConfig, device: torch.device, steps: int, where: Where) -> int:
     """Median step time and tokens/s of every model of the run, one step of each in turn, so
     that every model sees the same machine load; random tokens (speed does not depend on them)."""
     if distributed.world_size() > 1:
         raise UsageError("--speed-steps times one process: run it with python, not torchrun")
-    models = list(dict.fromkeys(m for ms in cfg["runs"].values() for m in ms))
-    trainings = {m: build_training(cfg, m, cfg["vocab_size"], SPEED_WARMUP_STEPS + steps, device) for m in models}
-    g = torch.Generator().manual_seed(cfg["seed"])
-    ids = torch.randint(0, cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"] + 1), generator=g).to(device)
+    models = list(dict.fromkeys(m for ms in cfg.runs.values() for m in ms))
+    trainings = {m: build_training(cfg, m, cfg.vocab_size, SPEED_WARMUP_STEPS + steps, device) for m in models}
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=g).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
     seconds, first = {m: [] for m in models}, {}
     for i in range(SPEED_WARMUP_STEPS + steps):
@@ -216,9 +216,9 @@ def measure_speed(cfg: dict, device: torch.device, steps: int, where: Where) -> 
                 seconds[m].append(time.perf_counter() - start)
             first.setdefault(m, time.perf_counter() - start)  # with --compile: the compilation
     rows = [{**speed_row(m, trainings[m], seconds[m], cfg), "first_step_s": first[m]} for m in models]
-    out_dir = Path(cfg["out_dir"])
+    out_dir = Path(cfg.out_dir)
     atomic_write_json(out_dir / "speed.json", {"rows": rows, "steps": steps, "warmup_steps": SPEED_WARMUP_STEPS,
-                                               **run_metadata(device), "config": cfg})
+                                               **run_metadata(device), "config": cfg.to_json()})
     atomic_write_text(out_dir / "speed.md", speed_markdown(rows, cfg, device))
     print((out_dir / "speed.md").read_text())
     return 0
@@ -228,33 +228,33 @@ def measure_speed(cfg: dict, device: torch.device, steps: int, where: Where) -> 
 # The run: checked whole before it starts, then one (dataset, seed, model) after another.
 
 
-def preflight(cfg: dict, data: dict, device: torch.device, where: Where) -> None:
+def preflight(cfg: TrainConfig, data: dict, device: torch.device, where: Where) -> None:
     """Before anything is written: every model can be allocated, and every checkpoint of the
     run is readable and loads into its model, optimizer and scheduler."""
-    for dataset, models in cfg["runs"].items():
+    for dataset, models in cfg.runs.items():
         train_loader, info = data[dataset].train, data[dataset].info
         for model_name in models:
             where.stage = f"checking {dataset}/{model_name}"
-            seeded = {**cfg, "seed": cfg["seeds"][0]}
+            seeded = cfg.for_seed(cfg.seeds[0])
             t = build_training(seeded, model_name, info["vocab_size"], len(train_loader), device)
-            for seed in cfg["seeds"]:
-                path = runs.checkpoint_path({**cfg, "seed": seed}, dataset, model_name)
-                t.run_config = runs.run_config({**cfg, "seed": seed}, dataset, model_name)
+            for seed in cfg.seeds:
+                path = runs.checkpoint_path(cfg.for_seed(seed), dataset, model_name)
+                t.run_config = runs.run_config(cfg.for_seed(seed), dataset, model_name, data[dataset].fingerprint)
                 if path.exists():
-                    runs.load_checkpoint(t, train_loader, path, device, cfg["epochs"])
+                    runs.load_checkpoint(t, train_loader, path, device, cfg.epochs)
             del t
             free_memory(device)
 
 
-def run_all(cfg: dict, data: dict, device: torch.device, logger: runs.WandbLogger, where: Where) -> list[dict]:
+def run_all(cfg: TrainConfig, data: dict, device: torch.device, logger: runs.WandbLogger, where: Where) -> list[dict]:
     """Train every planned run; results are rewritten after each. On --resume the published
     records of an earlier session stay until replaced, so a failure never shrinks them. A run
     that diverges is recorded as such and the others still train (a comparison keeps its other
     rows); the job then ends with DivergedError (exit 1) naming each."""
-    out_dir = Path(cfg["out_dir"])
+    out_dir = Path(cfg.out_dir)
     published, diverged = runs.read_published(out_dir), []
     for dataset, seed, model_name in runs.planned_runs(cfg):
-        record = run_one({**cfg, "seed": seed}, dataset, model_name, data[dataset], device, logger, where)
+        record = run_one(cfg.for_seed(seed), dataset, model_name, data[dataset], device, logger, where)
         published[(dataset, model_name, seed)] = record
         records = [published[k] for k in [(d, m, s) for d, s, m in runs.planned_runs(cfg)] if k in published]
         write_results(records, out_dir)
@@ -293,13 +293,13 @@ class Training:
 def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
     """Train and evaluate one model on one dataset, resuming from its checkpoint if present."""
     train_loader, val_loader, info = data.train, data.validation, data.info
-    train_loader.generator.manual_seed(cfg["seed"])
-    train_loader.sampler.seed = cfg["seed"]  # with --seeds, each seed has its own data order
+    train_loader.generator.manual_seed(cfg.seed)
+    train_loader.sampler.seed = cfg.seed  # with --seeds, each seed has its own data order
     t = build_training(cfg, model_name, info["vocab_size"], len(train_loader), device)
-    t.run_config = runs.run_config(cfg, dataset, model_name)
+    t.run_config = runs.run_config(cfg, dataset, model_name, data.fingerprint)
     path = runs.checkpoint_path(cfg, dataset, model_name)
     if path.is_file():
-        runs.load_checkpoint(t, train_loader, path, device, cfg["epochs"])
+        runs.load_checkpoint(t, train_loader, path, device, cfg.epochs)
         print(f"  resumed {dataset}/{model_name} after epoch {len(t.epochs)} from {path}")
     record = runs.new_record(cfg, dataset, model_name, t, info, device)
     print(f"  {model_name}: {record['params']:,} parameters ({record['implementation']}) on {dataset}")
@@ -317,49 +317,49 @@ def run_one(cfg, dataset, model_name, data, device, logger, where) -> dict:
         runs.summarize(record)
         if data.test is not None:
             where.stage = f"{dataset}/{model_name} test split"
-            evaluate_test(t.model, data.test, device, cfg["dtype"], record)
+            evaluate_test(t.model, data.test, device, cfg.dtype, record)
         where.stage = f"{dataset}/{model_name} export and samples"
         runs.publish_model(cfg, dataset, model_name, t.model, data, record)
     run.finish(record)
     return record
 
 
-def build_training(cfg: dict, model_name: str, vocab_size: int, n_batches: int, device: torch.device) -> Training:
-    torch.manual_seed(cfg["seed"])  # the same init for a model whatever ran before it
+def build_training(cfg: TrainConfig, model_name: str, vocab_size: int, n_batches: int, device: torch.device) -> Training:
+    torch.manual_seed(cfg.seed)  # the same init for a model whatever ran before it
     try:
-        model, mc = build_model(cfg, model_name, vocab_size, device, cfg["mamba_impl"])
+        model, mc = build_model(cfg, model_name, vocab_size, device, cfg.mamba_impl)
     except (ValueError, ImportError) as e:  # e.g. --mamba-impl mamba_ssm without CUDA or the package
         raise UsageError(f"cannot build {model_name}: {one_line(e)} (see --mamba-impl)") from None
     except (MemoryError, RuntimeError) as e:
         if not is_oom(e):
             raise
-        raise UsageError(f"not enough memory to build {model_name} with --n-embed {cfg['n_embed']}, --n-layer "
-                         f"{cfg['n_layer']}, vocabulary {vocab_size} ({one_line(e)}); choose a smaller --n-embed "
+        raise UsageError(f"not enough memory to build {model_name} with --n-embed {cfg.n_embed}, --n-layer "
+                         f"{cfg.n_layer}, vocabulary {vocab_size} ({one_line(e)}); choose a smaller --n-embed "
                          "(or --n-layer, --num-memory-slots, --vocab-size)") from None
     setattr(model, "check_inputs", False)  # ids checked once at load time (data.PreparedData.check_token_ids)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                                  weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
     steps = steps_per_epoch(cfg, n_batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup_steps"], cfg["epochs"] * steps))
-    scaler = torch.amp.GradScaler("cuda") if cfg["dtype"] == "fp16" and device.type == "cuda" else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.epochs * steps))
+    scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" and device.type == "cuda" else None
     maybe_compile(model, cfg)
     return Training(model, mc, optimizer, scheduler, steps, scaler=scaler,
                     wrapped=distributed.data_parallel(model, device))
 
 
-def maybe_compile(model: torch.nn.Module, cfg: dict) -> None:
+def maybe_compile(model: torch.nn.Module, cfg: TrainConfig) -> None:
     """--compile: torch.compile in place (Module.compile), so state_dict keys, checkpoints and
     the model's own methods stay as they are; compilation happens at the first step."""
-    if cfg["compile"]:
+    if cfg.compile:
         model.compile()
 
 
-def steps_per_epoch(cfg: dict, n_batches: int) -> int:
+def steps_per_epoch(cfg: TrainConfig, n_batches: int) -> int:
     """Batches per epoch: all of them, or the first ones of each epoch's shuffled order with
     --max-train-blocks. The scheduler's length and the training loop both use this."""
-    if not cfg["max_train_blocks"]:
+    if not cfg.max_train_blocks:
         return n_batches
-    return min(n_batches, math.ceil(cfg["max_train_blocks"] / cfg["batch_size"]))
+    return min(n_batches, math.ceil(cfg.max_train_blocks / cfg.batch_size))
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -372,26 +372,26 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
-def build_model(cfg: dict, model_name: str, vocab_size: int, device: torch.device, mamba_impl: str):
+def build_model(cfg: TrainConfig, model_name: str, vocab_size: int, device: torch.device, mamba_impl: str):
     mc = model_config(cfg, model_name, vocab_size)
     family, options = family_of(model_name)
-    kwargs = dict(n_head=cfg["n_head"], attention=cfg["attention"], d_state=cfg["d_state"], d_conv=cfg["d_conv"],
-                  expand=cfg["expand"], mamba_residual=cfg["mamba_residual"], mamba_impl=mamba_impl)
+    kwargs = dict(n_head=cfg.n_head, attention=cfg.attention, d_state=cfg.d_state, d_conv=cfg.d_conv,
+                  expand=cfg.expand, mamba_residual=cfg.mamba_residual, mamba_impl=mamba_impl)
     model = build_lm(family, mc, device=device, **{**kwargs, **options})  # a control's options win
     return model.to(device), mc
 
 
-def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run, where: Where, name: str) -> None:
+def train_and_evaluate(t: Training, cfg: TrainConfig, loaders, device, path: Path, run, where: Where, name: str) -> None:
     """The remaining epochs: train, evaluate, then checkpoint (so a kill loses one epoch at most)."""
     train_loader, val_loader = loaders
-    for epoch in range(len(t.epochs), cfg["epochs"]):
-        where.stage = f"{name} epoch {epoch + 1}/{cfg['epochs']}"
+    for epoch in range(len(t.epochs), cfg.epochs):
+        where.stage = f"{name} epoch {epoch + 1}/{cfg.epochs}"
         train_loader.sampler.set_epoch(epoch)  # this epoch's order: a function of (seed, epoch)
-        distributed.reseed(cfg["seed"], epoch)
+        distributed.reseed(cfg.seed, epoch)
         train_loss, seconds, tokens = train_epoch(t, train_loader, cfg, device, where.stage, run.log)
         train_loss, tokens = distributed.all_mean(train_loss), distributed.all_sum([tokens])[0]
         rf = model_config(cfg, "gam", 1).receptive_field  # full GAM's: the recall split of every model
-        ev = evaluate(t.model, val_loader, device, rf, dtype=cfg["dtype"])
+        ev = evaluate(t.model, val_loader, device, rf, dtype=cfg.dtype)
         val_loss = ev["val_loss"]
         if not math.isfinite(val_loss):
             raise DivergedError(f"non-finite validation loss ({val_loss}) after epoch {epoch + 1}")
@@ -402,14 +402,14 @@ def train_and_evaluate(t: Training, cfg: dict, loaders, device, path: Path, run,
         where.unsaved = (name, epoch + 1)  # printed as finished below, lost if stopped before it is saved
         run.log({f"epoch/{k}": v for k, v in stats.items() if k != "val_loss_by_position"})
         recall = f" | recall {ev['recall_accuracy']:.3f}" if "recall_accuracy" in ev else ""
-        print(f"  epoch {epoch + 1}/{cfg['epochs']}: train {train_loss:.4f} | val {val_loss:.4f} "
+        print(f"  epoch {epoch + 1}/{cfg.epochs}: train {train_loss:.4f} | val {val_loss:.4f} "
               f"| ppl {stats['val_ppl']:.2f}{recall} | {seconds:.1f} s | {stats['tokens_per_s']:,.0f} tok/s")
-        where.stage = f"{name} checkpoint of epoch {epoch + 1}/{cfg['epochs']}"
+        where.stage = f"{name} checkpoint of epoch {epoch + 1}/{cfg.epochs}"
         runs.save_checkpoint(t, train_loader, path)
         where.unsaved = None
 
 
-def train_epoch(t: Training, loader, cfg: dict, device: torch.device, desc: str, log_step):
+def train_epoch(t: Training, loader, cfg: TrainConfig, device: torch.device, desc: str, log_step):
     """One epoch of t.steps_per_epoch steps; returns (mean train loss, wall time of the loop, tokens).
 
     The losses are summed on the device and read every LOG_EVERY steps and at the end (one
@@ -478,11 +478,11 @@ class LossWindow:
         return value
 
 
-def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> torch.Tensor:
+def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """One optimizer step (the author's: AdamW, grad-norm clip, per-step schedule); returns the
     loss as a device tensor (reading it is the caller's sync). fp16 on CUDA: a GradScaler."""
     t.optimizer.zero_grad(set_to_none=True)
-    with autocast_context(cfg["dtype"], x.device):
+    with autocast_context(cfg.dtype, x.device):
         _, loss = t.net(x, y)
     if t.scaler is None:
         loss.backward()
@@ -490,8 +490,8 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: dict) -> torc
         t.scaler.scale(loss).backward()
         t.scaler.unscale_(t.optimizer)  # clip the true gradients
     # No error_if_nonfinite: that would read the norm on the host each step (a sync).
-    if cfg["grad_clip"] > 0:  # 0: no clipping (a max norm of 0 would zero every gradient)
-        torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg["grad_clip"])
+    if cfg.grad_clip > 0:  # 0: no clipping (a max norm of 0 would zero every gradient)
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
     if t.scaler is None:
         t.optimizer.step()
     else:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -79,8 +80,39 @@ PRESETS = {
         d_state=8, expand=2, batch_size=16, lr=3e-3, warmup_steps=50, epochs=2, max_train_blocks=8000,
     ),
 }
-# What a run records beside PAPER_HPARAMS; config.json also holds "data_fingerprint".
-RUN_KEYS = ["preset", "seeds", "mamba_impl", "runs", "data_dirs", "out_dir", "num_workers", "world_size"]
+
+
+@dataclass(frozen=True)
+class TrainConfig(make_dataclass("HParams", [(k, object, v) for k, v in {**PAPER_HPARAMS, **MQAR_HPARAMS}.items()],
+                                 frozen=True)):
+    """One benchmark.py command's settings, fixed before it starts: a field per hyperparameter
+    (PAPER_HPARAMS, MQAR_HPARAMS: the flags, of the same names), then what the command runs.
+    ``seed`` is the seed of the (dataset, seed, model) run at hand (``for_seed``); what a run
+    learns while it goes (the data's fingerprints, its progress) lives beside it."""
+    preset: str = "paper"
+    seeds: tuple = (PAPER_HPARAMS["seed"],)  # one run per seed, each with its own init and data order
+    mamba_impl: str = "auto"
+    runs: dict = field(default_factory=dict)       # dataset -> model names
+    data_dirs: dict = field(default_factory=dict)  # dataset -> local folder (else the hub)
+    out_dir: str = ""                              # the run folder
+    num_workers: int = 0                           # data-loader processes (changes no number)
+    world_size: int = 1                            # processes under torchrun
+
+    def for_seed(self, seed: int) -> "TrainConfig":
+        return replace(self, seed=seed)
+
+    def to_json(self) -> dict:
+        """As config.json and results.json hold it (the seeds as a list)."""
+        return {**asdict(self), "seeds": list(self.seeds)}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "TrainConfig":
+        """From a validated dict of every key (validate_config), without the data's fingerprints."""
+        return cls(**{k: tuple(v) if k == "seeds" else v for k, v in saved.items() if k != "data_fingerprint"})
+
+
+# What a run records beside the hyperparameters; config.json also holds "data_fingerprint".
+RUN_KEYS = [f.name for f in fields(TrainConfig) if f.name not in {**PAPER_HPARAMS, **MQAR_HPARAMS}]
 # What a config.json written before these keys existed meant: fp32, eager, one process.
 OLDER_CONFIG_DEFAULTS = {"dtype": "fp32", "compile": False, "world_size": 1}
 # Flags that may change on --resume: none of them changes the numbers.
@@ -205,7 +237,7 @@ def explicit_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return {k for k, v in vars(args).items() if v is not None and v != parser.get_default(k)}
 
 
-def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
+def resolve_config(args: argparse.Namespace, explicit: set[str]) -> TrainConfig:
     """Paper defaults < preset < explicit flags, or the saved config on --resume; validated."""
     if args.resume:
         return saved_config(Path(args.resume), args, explicit)
@@ -227,10 +259,10 @@ def resolve_config(args: argparse.Namespace, explicit: set[str]) -> dict:
                out_dir=args.out_dir or default_out_dir(), num_workers=args.num_workers,
                world_size=distributed.world_size())
     validate_config(cfg)
-    return cfg
+    return TrainConfig.from_json(cfg)
 
 
-def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) -> dict:
+def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) -> TrainConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise UsageError(f"--resume {run_dir}: no config.json there (is it a benchmark.py --out-dir?)")
@@ -248,20 +280,24 @@ def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) ->
         why = str(e) if isinstance(e, UsageError) else one_line(e)
         raise UsageError(f"{path} is not a valid benchmark.py config ({why}); restore it, "
                          "or start a fresh run with another --out-dir") from None
-    check_same_world_size(cfg, run_dir)
-    cfg["out_dir"] = str(run_dir)
-    if "num_workers" in explicit:
-        cfg["num_workers"] = args.num_workers
-    return cfg
+    check_same_world_size(cfg["world_size"], run_dir)
+    cfg = TrainConfig.from_json(cfg)
+    return replace(cfg, out_dir=str(run_dir), num_workers=args.num_workers if "num_workers" in explicit else
+                   cfg.num_workers)
 
 
-def check_same_world_size(cfg: dict, run_dir: Path) -> None:
+def saved_fingerprints(run_dir: Path) -> dict:
+    """dataset -> the fingerprint of its data when the run started (config.json, validated by saved_config)."""
+    return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["data_fingerprint"]
+
+
+def check_same_world_size(world: int, run_dir: Path) -> None:
     """Each rank's dropout stream and share of the batch depend on the world size: a run
     resumes with the number of processes it started with."""
-    if cfg["world_size"] != distributed.world_size():
-        launch = "python benchmark.py" if cfg["world_size"] == 1 else \
-            f"torchrun with {cfg['world_size']} processes in all (e.g. --nproc_per_node {cfg['world_size']})"
-        raise UsageError(f"--resume {run_dir}: the run was trained by {cfg['world_size']} process(es), this is "
+    if world != distributed.world_size():
+        launch = "python benchmark.py" if world == 1 else \
+            f"torchrun with {world} processes in all (e.g. --nproc_per_node {world})"
+        raise UsageError(f"--resume {run_dir}: the run was trained by {world} process(es), this is "
                          f"{distributed.world_size()}; resume it with {launch}")
 
 
@@ -385,17 +421,17 @@ def family_of(model_name: str) -> tuple[str, dict]:
     return CONTROLS.get(model_name, (model_name, {}))
 
 
-def model_config(cfg: dict, model_name: str, vocab_size: int) -> ModelConfig:
+def model_config(cfg: TrainConfig, model_name: str, vocab_size: int) -> ModelConfig:
     return ModelConfig(
-        VOCAB_SIZE=vocab_size, BLOCK_SIZE=cfg["block_size"], N_EMBED=cfg["n_embed"], N_LAYER=cfg["n_layer"],
-        DROPOUT=cfg["dropout"], NUM_MEMORY_SLOTS=cfg["num_memory_slots"], CONV_KERNEL_SIZE=cfg["conv_kernel_size"],
+        VOCAB_SIZE=vocab_size, BLOCK_SIZE=cfg.block_size, N_EMBED=cfg.n_embed, N_LAYER=cfg.n_layer,
+        DROPOUT=cfg.dropout, NUM_MEMORY_SLOTS=cfg.num_memory_slots, CONV_KERNEL_SIZE=cfg.conv_kernel_size,
         **GAM_VARIANTS.get(model_name, {}),
     )
 
 
-def is_paper_config(cfg: dict, dataset: str, info: dict) -> bool:
+def is_paper_config(cfg: TrainConfig, dataset: str, info: dict) -> bool:
     """True when a run used the paper's full setup and data, so its numbers sit beside the paper's."""
-    same = all(cfg.get(k) == v for k, v in PAPER_HPARAMS.items() if k not in ("seed", "compile"))
+    same = all(getattr(cfg, k) == v for k, v in PAPER_HPARAMS.items() if k not in ("seed", "compile"))
     return same and PAPER_ROWS.get(dataset) == (info["rows"]["train"], info["rows"]["validation"])
 
 

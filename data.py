@@ -33,6 +33,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -329,6 +330,16 @@ class PreparedData:
             if lo < 0 or hi >= self.info["vocab_size"]:
                 raise DataError(f"{split} token ids lie in [{lo}, {hi}], outside the tokenizer's "
                                 f"[0, {self.info['vocab_size']}); delete the tokenizer cache {self.info['tokenizer_path']}")
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """sha256 of the train and validation blocks and of the tokenizer, and the vocabulary
+        size: what a run's checkpoints were trained on (--resume refuses other data)."""
+        sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+        return {"train": sha(self.train.dataset.blocks.contiguous().numpy()),
+                "validation": sha(self.validation.dataset.blocks.contiguous().numpy()),
+                "tokenizer": sha(self.tokenizer.to_str().encode("utf-8")) if self.tokenizer else "none (generated ids)",
+                "vocab_size": self.info["vocab_size"]}
 
     def unigram_perplexity(self) -> float:
         """Validation PPL of a model that knows only the train split's token frequencies (add-one):

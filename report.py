@@ -16,7 +16,7 @@ import distributed
 from baselines import MODEL_NAMES
 from gam_model import ModelConfig
 from common import atomic_save_figure, atomic_write_json, atomic_write_text, device_description, one_line
-from config import GAM_VARIANTS, OLDER_CONFIG_DEFAULTS, UsageError, flag
+from config import GAM_VARIANTS, OLDER_CONFIG_DEFAULTS, TrainConfig, UsageError, flag
 
 # ---------------------------------------------------------------------------------------
 # The paper's numbers (arXiv:2509.00605), printed beside ours; never copied into our results.
@@ -527,14 +527,14 @@ def run_records(run_dir: Path) -> list[dict]:
     return records
 
 
-def speed_row(model_name: str, t, seconds: list[float], cfg: dict) -> dict:
+def speed_row(model_name: str, t, seconds: list[float], cfg: TrainConfig) -> dict:
     median = statistics.median(seconds)
     return {"model": model_name, "params": t.model.num_params(), "implementation": t.model.implementation,
             "step_s_median": median, "step_s_min": min(seconds), "step_s_max": max(seconds),
-            "tokens_per_s": cfg["batch_size"] * cfg["block_size"] / median}
+            "tokens_per_s": cfg.batch_size * cfg.block_size / median}
 
 
-def speed_markdown(rows: list[dict], cfg: dict, device: torch.device) -> str:
+def speed_markdown(rows: list[dict], cfg: TrainConfig, device: torch.device) -> str:
     ref = next((r for r in rows if r["model"] == "gam"), rows[0])
     lines = ["| Model | Params | Step time, median [min, max] (s) | Tokens / s | Time relative to " + ref["model"] + " |",
              "|---|---|---|---|---|"]
@@ -543,8 +543,8 @@ def speed_markdown(rows: list[dict], cfg: dict, device: torch.device) -> str:
                      f"[{r['step_s_min']:.3f}, {r['step_s_max']:.3f}] | {r['tokens_per_s']:,.0f} | "
                      f"{r['step_s_median'] / ref['step_s_median']:.2f}x |")
     return "\n".join(lines + ["", f"One training step (forward, backward, clip, AdamW, schedule) at batch "
-                               f"{cfg['batch_size']} x {cfg['block_size']} tokens, {cfg['dtype']}"
-                               f"{', compiled' if cfg['compile'] else ''}, on {device_description(device)}; "
+                               f"{cfg.batch_size} x {cfg.block_size} tokens, {cfg.dtype}"
+                               f"{', compiled' if cfg.compile else ''}, on {device_description(device)}; "
                                "models interleaved step by step; median over the timed steps."]) + "\n"
 
 

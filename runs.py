@@ -27,7 +27,7 @@ import torch
 import distributed
 from common import (LOCK_NAME, FolderLock, Terminated, UsageError, atomic_torch_save, atomic_write_json, one_line,
                     run_metadata)
-from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, flag, is_paper_config
+from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, TrainConfig, flag, is_paper_config
 from pretrained import is_saved_model, save_pretrained
 
 
@@ -70,14 +70,14 @@ def is_run_dir(path: Path) -> bool:
     return any((path / name).exists() for name in ("config.json", "results.json", "checkpoints"))
 
 
-def check_folders(cfg: dict, args: argparse.Namespace) -> None:
+def check_folders(cfg: TrainConfig, args: argparse.Namespace) -> None:
     """Every folder we write is (or can be made) a writable folder; what --out-dir holds is
     checked once it is locked (claim_folder)."""
-    check_writable(Path(cfg["out_dir"]), "--resume" if args.resume else "--out-dir")
+    check_writable(Path(cfg.out_dir), "--resume" if args.resume else "--out-dir")
     check_writable(cache_dir(args), "--cache-dir")
 
 
-def claim_folder(cfg: dict, args: argparse.Namespace, where: Where) -> None:
+def claim_folder(cfg: TrainConfig, args: argparse.Namespace, where: Where) -> None:
     """Rank 0 locks --out-dir for the life of the command, then checks it under the lock (so
     no other command can change it in between): a fresh command needs a new or empty folder,
     --resume a run whose exports and temporary files are in order. Every rank raises the
@@ -85,12 +85,12 @@ def claim_folder(cfg: dict, args: argparse.Namespace, where: Where) -> None:
     error = None
     if distributed.is_main():
         try:
-            where.lock = FolderLock(Path(cfg["out_dir"]), "--resume" if args.resume else "--out-dir", "benchmark.py")
+            where.lock = FolderLock(Path(cfg.out_dir), "--resume" if args.resume else "--out-dir", "benchmark.py")
             if args.resume:
                 check_exports(cfg)
-                remove_stale_temporaries(Path(cfg["out_dir"]) / "checkpoints")
+                remove_stale_temporaries(Path(cfg.out_dir) / "checkpoints")
             else:
-                check_empty(Path(cfg["out_dir"]), training=not (args.report or args.unigram_only or args.speed_steps))
+                check_empty(Path(cfg.out_dir), training=not (args.report or args.unigram_only or args.speed_steps))
         except UsageError as e:
             error = str(e)
     error = distributed.gather_objects(error)[0]
@@ -113,13 +113,13 @@ def check_empty(out: Path, training: bool) -> None:
                      "empty folder only: choose another --out-dir")
 
 
-def check_exports(cfg: dict) -> None:
+def check_exports(cfg: TrainConfig) -> None:
     """On --resume, before any training: each model's export folder is absent, empty or an
     export (replaced when the model finishes); anything else would stop the run after training."""
     for dataset, seed, model_name in planned_runs(cfg):
-        folder = Path(cfg["out_dir"]) / "models" / run_name({**cfg, "seed": seed}, dataset, model_name)
+        folder = Path(cfg.out_dir) / "models" / run_name(cfg.for_seed(seed), dataset, model_name)
         if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or is_saved_model(folder))):
-            raise UsageError(f"--resume {cfg['out_dir']}: {folder} holds something other than an exported model, "
+            raise UsageError(f"--resume {cfg.out_dir}: {folder} holds something other than an exported model, "
                              f"where {dataset}/{model_name} is exported when it finishes; move it elsewhere")
 
 
@@ -160,24 +160,15 @@ def check_ranks_agree(fingerprints: dict) -> None:
                          "same files on every machine, and that --cache-dir is not shared by different versions)")
 
 
-def data_fingerprint(prepared) -> dict:
-    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
-    tokenizer = prepared.tokenizer
-    return {"train": sha(prepared.train.dataset.blocks.contiguous().numpy()),
-            "validation": sha(prepared.validation.dataset.blocks.contiguous().numpy()),
-            "tokenizer": sha(tokenizer.to_str().encode("utf-8")) if tokenizer else "none (generated ids)",
-            "vocab_size": prepared.info["vocab_size"]}
-
-
-def check_same_data(cfg: dict, dataset: str, saved: dict, now: dict) -> None:
+def check_same_data(cfg: TrainConfig, dataset: str, saved: dict, now: dict) -> None:
     changed = [name for key, name in (("train", "train data"), ("validation", "validation data"),
                                       ("tokenizer", "tokenizer")) if saved[key] != now[key]]
     if saved["vocab_size"] != now["vocab_size"] and "tokenizer" not in changed:
         changed.append("tokenizer")
     if changed:
-        source = cfg["data_dirs"].get(dataset, "the hub" if dataset not in GENERATED else "the generator")
+        source = cfg.data_dirs.get(dataset, "the hub" if dataset not in GENERATED else "the generator")
         what = ", ".join(changed[:-1]) + (" and " if len(changed) > 1 else "") + changed[-1]
-        raise UsageError(f"--resume {cfg['out_dir']}: the {what} of {dataset} ({source}) changed "
+        raise UsageError(f"--resume {cfg.out_dir}: the {what} of {dataset} ({source}) changed "
                          "since the run started; restore them, or start a fresh run with another --out-dir")
 
 
@@ -185,31 +176,31 @@ def check_same_data(cfg: dict, dataset: str, saved: dict, now: dict) -> None:
 # The run's plan and its resume command.
 
 
-def planned_runs(cfg: dict) -> list[tuple[str, int, str]]:
-    return [(d, seed, m) for d, models in cfg["runs"].items() for seed in cfg["seeds"] for m in models]
+def planned_runs(cfg: TrainConfig) -> list[tuple[str, int, str]]:
+    return [(d, seed, m) for d, models in cfg.runs.items() for seed in cfg.seeds for m in models]
 
 
-def run_name(cfg: dict, dataset: str, model_name: str) -> str:
+def run_name(cfg: TrainConfig, dataset: str, model_name: str) -> str:
     """<dataset>-<model>, plus -seed<S> when the run has several seeds."""
-    seeds = cfg.get("seeds", [cfg["seed"]])
-    return f"{dataset}-{model_name}" + (f"-seed{cfg['seed']}" if len(seeds) > 1 else "")
+    return f"{dataset}-{model_name}" + (f"-seed{cfg.seed}" if len(cfg.seeds) > 1 else "")
 
 
-def checkpoint_path(cfg: dict, dataset: str, model_name: str) -> Path:
-    return Path(cfg["out_dir"]) / "checkpoints" / f"{run_name(cfg, dataset, model_name)}.pt"
+def checkpoint_path(cfg: TrainConfig, dataset: str, model_name: str) -> Path:
+    return Path(cfg.out_dir) / "checkpoints" / f"{run_name(cfg, dataset, model_name)}.pt"
 
 
-def start_run(cfg: dict, args: argparse.Namespace, explicit: set[str], where: Where) -> None:
-    """A fresh run writes its config.json (with the data fingerprint) now, and only now."""
+def start_run(cfg: TrainConfig, data: dict, args: argparse.Namespace, explicit: set[str], where: Where) -> None:
+    """A fresh run writes its config.json (with the data's fingerprints) now, and only now."""
     distributed.barrier()  # under torchrun: every process has checked the folders before one is written
     if not args.resume and distributed.is_main():
-        atomic_write_json(Path(cfg["out_dir"]) / "config.json", cfg)
+        fingerprints = {dataset: prepared.fingerprint for dataset, prepared in data.items()}
+        atomic_write_json(Path(cfg.out_dir) / "config.json", {**cfg.to_json(), "data_fingerprint": fingerprints})
     where.resume_command = resume_command(cfg, args, explicit)
 
 
-def resume_command(cfg: dict, args: argparse.Namespace, explicit: set[str]) -> str:
+def resume_command(cfg: TrainConfig, args: argparse.Namespace, explicit: set[str]) -> str:
     """The command that continues this run, with the flags given that --resume accepts."""
-    command = [*distributed.launcher(), "benchmark.py", "--resume", cfg["out_dir"]]
+    command = [*distributed.launcher(), "benchmark.py", "--resume", cfg.out_dir]
     for key in ("device", "num_workers", "cache_dir", "wandb", "wandb_project", "dist_timeout"):  # RESUME_FLAGS
         if key in explicit:
             command += [flag(key), str(getattr(args, key))]
@@ -231,16 +222,16 @@ SAMPLE_PROMPTS, SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS, SAMPLE_TEMPERATURE = 3,
 # A finished model, published: exported for use (models/<run name>/) and sampled (samples.md).
 
 
-def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record: dict) -> None:
+def publish_model(cfg: TrainConfig, dataset: str, model_name: str, model, data, record: dict) -> None:
     """Export the model to <out-dir>/models/<run name>/ (config.json, model.safetensors, the code
     transformers opens it with, the model card README.md and the dataset's tokenizer.json; MQAR
     has no tokenizer) and, on text, record its continuations of fixed validation prompts.
     Deterministic, so a resumed run re-publishes the same."""
     if not distributed.is_main():
         return
-    val_loader, info = data.validation, data.info
-    tokenizer = run_tokenizer(cfg, dataset, info)
-    folder = Path(cfg["out_dir"]) / "models" / run_name(cfg, dataset, model_name)
+    val_loader = data.validation
+    tokenizer = run_tokenizer(cfg.out_dir, data)
+    folder = Path(cfg.out_dir) / "models" / run_name(cfg, dataset, model_name)
     from model_card import model_card  # here: it imports data, and so datasets, which only publishing needs
 
     files = {"README.md": model_card(record, model), **({"tokenizer.json": tokenizer.to_str()} if tokenizer else {})}
@@ -248,27 +239,27 @@ def publish_model(cfg: dict, dataset: str, model_name: str, model, data, record:
         save_pretrained(model, folder, extra_files=files)
     except ValueError as e:  # a folder there that holds something else: never overwritten
         raise RunError(f"cannot export {dataset}/{model_name}: {e}") from None
-    record["export"] = str(folder.relative_to(cfg["out_dir"]))
+    record["export"] = str(folder.relative_to(cfg.out_dir))
     if tokenizer is not None:
-        record["samples"] = sample_continuations(model, val_loader.dataset.blocks, tokenizer, cfg["seed"])
+        record["samples"] = sample_continuations(model, val_loader.dataset.blocks, tokenizer, cfg.seed)
 
 
-def run_tokenizer(cfg: dict, dataset: str, info: dict):
-    """The tokenizer the run was trained with (from its cache file, checked against the run's
-    fingerprint), or None for a dataset without one (MQAR)."""
-    if info.get("tokenizer_path") is None:
+def run_tokenizer(out_dir: str, data):
+    """The tokenizer the run was trained with (from its cache file, checked against the data's
+    fingerprint: data.PreparedData), or None for a dataset without one (MQAR)."""
+    path = data.info.get("tokenizer_path")
+    if path is None:
         return None
     from tokenizers import Tokenizer
 
-    path = info["tokenizer_path"]
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception:
         tokenizer = None
-    expected = cfg["data_fingerprint"][dataset]["tokenizer"]
+    expected = data.fingerprint["tokenizer"]
     if tokenizer is None or hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest() != expected:
         raise RunError(f"the tokenizer cache {path} vanished or changed during the run, so the model cannot be "
-                       f"exported with its tokenizer; resume the run (python benchmark.py --resume {cfg['out_dir']})")
+                       f"exported with its tokenizer; resume the run (python benchmark.py --resume {out_dir})")
     return tokenizer
 
 
@@ -300,15 +291,16 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "epochs"}
 EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_ppl", "epoch_time_s", "tokens_per_s"}
 
 
-def run_config(cfg: dict, dataset: str, model_name: str) -> dict:
+def run_config(cfg: TrainConfig, dataset: str, model_name: str, fingerprint: dict) -> dict:
     """What sets the numbers of one (dataset, seed, model) run, stored in its checkpoints so
-    that --resume refuses a checkpoint of another run: every hyperparameter (cfg["seed"] is
+    that --resume refuses a checkpoint of another run: every hyperparameter (cfg.seed is
     the run's own seed), the Mamba implementation, the process count, and the data's
     fingerprint. Not the other runs of the job, folders or workers: they change no number."""
     defaults = {**PAPER_HPARAMS, **MQAR_HPARAMS}
-    settings = {k: float(cfg[k]) if isinstance(v, float) else cfg[k] for k, v in defaults.items()}  # 1 == 1.0
-    return {**settings, "mamba_impl": cfg["mamba_impl"], "world_size": cfg["world_size"], "dataset": dataset,
-            "model": model_name, "data": cfg.get("data_fingerprint", {}).get(dataset)}
+    settings = {k: float(getattr(cfg, k)) if isinstance(v, float) else getattr(cfg, k)
+                for k, v in defaults.items()}  # 1 == 1.0
+    return {**settings, "mamba_impl": cfg.mamba_impl, "world_size": cfg.world_size, "dataset": dataset,
+            "model": model_name, "data": fingerprint}
 
 
 def save_checkpoint(t, train_loader, path: Path) -> None:
@@ -523,15 +515,15 @@ class WandbRun:
             self.run.finish(exit_code=exit_code)
 
 
-def new_record(cfg: dict, dataset: str, model_name: str, t, info: dict, device) -> dict:
+def new_record(cfg: TrainConfig, dataset: str, model_name: str, t, info: dict, device) -> dict:
     """The results.json record of one (dataset, seed, model) run, before training (t: benchmark.Training)."""
     model = t.model
-    return {"dataset": dataset, "model": model_name, "seed": cfg["seed"], "params": model.num_params(),
+    return {"dataset": dataset, "model": model_name, "seed": cfg.seed, "params": model.num_params(),
             "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
             "status": "running", "steps_per_epoch": t.steps_per_epoch, "epochs": t.epochs,
             "model_config": t.model_config.to_dict(), "data": info,
             **run_metadata(device), **distributed.describe(),  # world_size, backend
-            "paper_config": is_paper_config(cfg, dataset, info), "config": cfg}
+            "paper_config": is_paper_config(cfg, dataset, info), "config": cfg.to_json()}
 
 
 def summarize(record: dict) -> None:

@@ -6,6 +6,7 @@ Every run here uses the embedded synthetic corpus and a tiny model, so no networ
 outside a temporary folder are needed.
 """
 
+import dataclasses
 import json
 import math
 import statistics
@@ -45,13 +46,13 @@ def tiny_config(out_dir: Path, *extra: str) -> dict:
 def tiny_data(tmp_path_factory):
     """(cfg, train_loader, val_loader, info) of the tiny synthetic setup, prepared once."""
     cfg = tiny_config(tmp_path_factory.mktemp("data") / "run")
-    prepared = benchmark.prepare_data(cfg, Path(cfg["out_dir"]).parent / "cache", runs.Where())["synthetic"]
+    prepared = benchmark.prepare_data(cfg, Path(cfg.out_dir).parent / "cache", runs.Where())["synthetic"]
     return cfg, prepared.train, prepared.validation, prepared.info
 
 
-def training(tiny_data, model_name="gam", **overrides) -> tuple[benchmark.Training, dict]:
+def training(tiny_data, model_name="gam", **overrides) -> tuple[benchmark.Training, config.TrainConfig]:
     cfg, train_loader, _, info = tiny_data
-    cfg = {**cfg, **overrides}
+    cfg = dataclasses.replace(cfg, **overrides)
     return benchmark.build_training(cfg, model_name, info["vocab_size"], len(train_loader), CPU), cfg
 
 
@@ -311,13 +312,13 @@ def test_presets_and_flag_precedence(tmp_path):
     parser = config.build_parser()
     args = parser.parse_args(["--preset", "smoke", "--n-embed", "32", "--out-dir", str(tmp_path)])
     cfg = config.resolve_config(args, {"preset", "n_embed", "out_dir"})
-    assert cfg["n_embed"] == 32                                    # flag beats preset
-    assert cfg["n_layer"] == config.PRESETS["smoke"]["n_layer"]  # preset beats paper default
-    assert cfg["lr"] == config.PRESETS["smoke"]["lr"]
+    assert cfg.n_embed == 32                                    # flag beats preset
+    assert cfg.n_layer == config.PRESETS["smoke"]["n_layer"]  # preset beats paper default
+    assert cfg.lr == config.PRESETS["smoke"]["lr"]
     paper = config.resolve_config(parser.parse_args([]), set())
     for k, v in config.PAPER_HPARAMS.items():
-        assert paper[k] == v, k
-    assert paper["runs"] == {"wikitext2": ["transformer", "mamba", "gam"], "tinystories": ["transformer", "gam"]}
+        assert getattr(paper, k) == v, k
+    assert paper.runs == {"wikitext2": ["transformer", "mamba", "gam"], "tinystories": ["transformer", "gam"]}
 
 
 def _fake_record(dataset, model, paper_config=True, seed=1337, loss=6.5):
@@ -330,12 +331,12 @@ def _fake_record(dataset, model, paper_config=True, seed=1337, loss=6.5):
 
 
 def test_paper_numbers_shown_only_for_the_paper_config():
-    paper = dict(config.PAPER_HPARAMS)
+    paper = config.TrainConfig()
     rows = {"train": 36718, "validation": 3760}
     assert config.is_paper_config(paper, "wikitext2", {"rows": rows})
-    assert not config.is_paper_config({**paper, "n_embed": 128}, "wikitext2", {"rows": rows})
+    assert not config.is_paper_config(dataclasses.replace(paper, n_embed=128), "wikitext2", {"rows": rows})
     assert not config.is_paper_config(paper, "tinystories", {"rows": {"train": 2316, "validation": 1840}})
-    assert config.is_paper_config({**paper, "seed": 7}, "wikitext2", {"rows": rows})  # the paper had no seed
+    assert config.is_paper_config(paper.for_seed(7), "wikitext2", {"rows": rows})  # the paper had no seed
 
     table = report.table1_markdown([_fake_record("wikitext2", "gam")])
     assert "882.57" in table and "117.2" in table
@@ -495,7 +496,7 @@ def test_the_epoch_mean_loss_equals_the_mean_of_per_step_losses(tiny_data):
 
     def fresh():
         t, c = training(tiny_data, max_train_blocks=80)
-        train_loader.generator.manual_seed(c["seed"])
+        train_loader.generator.manual_seed(c.seed)
         train_loader.sampler.set_epoch(0)
         return t, c
 
@@ -509,7 +510,7 @@ def test_the_epoch_mean_loss_equals_the_mean_of_per_step_losses(tiny_data):
         t.optimizer.zero_grad(set_to_none=True)
         _, loss = t.model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(t.model.parameters(), c["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), c.grad_clip)
         t.optimizer.step()
         t.scheduler.step()
         losses.append(loss.item())

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import benchmark
+import config
 import data
 import distributed
 from gam_model import GAM_Model
@@ -108,7 +109,7 @@ def test_torchrun_trains_the_numbers_of_one_process(ddp_run, tmp_path):
             assert {k: ea[k] for k in counts} == {k: eb[k] for k in counts}  # all 40 examples, none twice
     # The checkpoint and the export hold the bare model's weights: they load in a one-process run.
     saved = torch.load(out / "checkpoints" / "synthetic-gam.pt", weights_only=True)["model"]
-    cfg = records(single)[0]["config"]
+    cfg = config.TrainConfig.from_json(records(single)[0]["config"])
     model, _ = benchmark.build_model(cfg, "gam", records(single)[0]["data"]["vocab_size"], torch.device("cpu"), "auto")
     model.load_state_dict(saved)
     exported = from_pretrained(out / records(out)[0]["export"], expect=GAM_Model)

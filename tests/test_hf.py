@@ -259,8 +259,8 @@ def test_the_card_command_trains_the_same_model(smoke_run, tmp_path):
     args = parser.parse_args([*argv[2:], "--out-dir", str(tmp_path / "again")])
     cfg = config.resolve_config(args, config.explicit_flags(parser, args))
     keys = [*config.PAPER_HPARAMS, *config.MQAR_HPARAMS, "preset", "mamba_impl"]
-    assert {k: cfg[k] for k in keys} == {k: record["config"][k] for k in keys}
-    assert cfg["runs"] == {"synthetic": ["gam"]}
+    assert {k: getattr(cfg, k) for k in keys} == {k: record["config"][k] for k in keys}
+    assert cfg.runs == {"synthetic": ["gam"]}
 
 
 def test_a_card_shows_test_loss_and_leaves_out_what_the_record_lacks(smoke_run):

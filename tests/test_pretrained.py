@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import benchmark
+import config
 import runs
 import report
 from baselines import MambaLM, TransformerLM
@@ -353,7 +355,7 @@ def test_non_finite_weights_are_saved_and_loaded_with_a_warning_naming_them(tmp_
 
 def trained_model(run: Path, model_name: str) -> CausalLM:
     """The trained model as the run's checkpoint holds it (independent of the export)."""
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = config.TrainConfig.from_json(json.loads((run / "config.json").read_text()))
     record = next(r for r in json.loads((run / "results.json").read_text()) if r["model"] == model_name)
     model, _ = benchmark.build_model(cfg, model_name, record["data"]["vocab_size"], torch.device("cpu"), "torch")
     model.load_state_dict(torch.load(run / "checkpoints" / f"synthetic-{model_name}.pt", weights_only=True)["model"])
@@ -395,7 +397,8 @@ def test_greedy_sample_is_the_model_argmax(smoke_run):
     folder = smoke_run / "models" / "synthetic-gam"
     record = next(r for r in json.loads((smoke_run / "results.json").read_text()) if r["model"] == "gam")
     model, tokenizer = from_pretrained(folder, expect=GAM_Model), Tokenizer.from_file(str(folder / "tokenizer.json"))
-    val = benchmark.load_dataset(record["config"], "synthetic", smoke_run.parent.parent / "cache").validation.dataset.blocks
+    cfg = config.TrainConfig.from_json(record["config"])
+    val = benchmark.load_dataset(cfg, "synthetic", smoke_run.parent.parent / "cache").validation.dataset.blocks
     idx = val[:1, :runs.SAMPLE_PROMPT_TOKENS]
     for _ in range(runs.SAMPLE_NEW_TOKENS):  # the reference: argmax of forward on the cropped context
         idx = torch.cat([idx, model(idx[:, -model.config.BLOCK_SIZE:])[0][:, -1].argmax(-1, keepdim=True)], 1)
@@ -416,7 +419,7 @@ def test_resume_republishes_the_same(smoke_run, tmp_path, capsys):
 
 def test_no_tokenizer_no_tokenizer_json_and_no_samples(tmp_path):
     """MQAR has no tokenizer: the model is exported alone and not sampled."""
-    cfg = {"out_dir": str(tmp_path), "seed": 0, "seeds": [0]}
+    cfg = config.TrainConfig(out_dir=str(tmp_path), seed=0, seeds=(0,))
     record = {}
     no_tokenizer = PreparedData(None, None, None, {"tokenizer_path": None})
     runs.publish_model(cfg, "mqar", "gam", make_model("gam"), no_tokenizer, record)
@@ -430,11 +433,10 @@ def test_a_changed_tokenizer_cache_is_refused(smoke_run, tmp_path):
     tok = Tokenizer.from_file(str(smoke_run / "models" / "synthetic-gam" / "tokenizer.json"))
     tok.add_tokens(["zzz"])
     tok.save(str(other))
-    cfg = {"out_dir": str(tmp_path), "data_fingerprint": {"synthetic": {"tokenizer": "0" * 64}}}
-    with pytest.raises(runs.RunError, match="vanished or changed"):
-        runs.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(other)})
-    with pytest.raises(runs.RunError, match="vanished or changed"):
-        runs.run_tokenizer(cfg, "synthetic", {"tokenizer_path": str(tmp_path / "gone.json")})
+    for path in (other, tmp_path / "gone.json"):
+        data = types.SimpleNamespace(info={"tokenizer_path": str(path)}, fingerprint={"tokenizer": "0" * 64})
+        with pytest.raises(runs.RunError, match="vanished or changed"):
+            runs.run_tokenizer(str(tmp_path), data)
 
 
 def test_samples_markdown_escapes_model_text():

@@ -67,6 +67,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerLM",
     "selective_scan",
+    "scan_chunk_len",
     "TorchMamba",
     "MambaResidualBlock",
     "MambaLM",
@@ -296,11 +297,19 @@ def _resolve_device(device) -> torch.device:
 # The chunked selective scan of TorchMamba
 # ----------------------------------------------------------------------------------------
 
-# Steps per chunk: the backward keeps the state at every chunk start, (B, L/K, D, N), and works
-# on (K, B, D, N) buffers. Measured on CPU (perf.py --checks mamba) from the paper's size down to
-# the cpu preset's, 8 to 32 steps are within ~20% of each other and of the best; 16 keeps the saved
-# states at N/16 of a (B, L, D) activation (d_state 16: the size of one).
-SCAN_CHUNK_LEN = 16
+# Steps per chunk (``scan_chunk_len``): as many as keep one (K, B, D, N) buffer near 4 MiB, between
+# 4 and 64. Measured on CPU (forward + backward of the scan, fp32, 1 thread): at the paper's size
+# (B=32, d_inner 1536, d_state 16: 3 MiB a step) K=4 takes 2.3 s, K=8 3.2 s, K=16 3.5 s; at
+# B=16, d_inner 384, d_state 16 K=8 is best (K=32: 1.7x its time); at a test's size (2 KiB a step)
+# K=64 (python overhead per chunk dominates). The backward keeps the state at every chunk start,
+# (L/K, B, D, N): N/K of a (B, L, D) activation, 4 of them at the paper's size.
+SCAN_CHUNK_BYTES = 4 * 2 ** 20
+
+
+def scan_chunk_len(batch: int, d_inner: int, d_state: int, itemsize: int) -> int:
+    """The chunk length of ``selective_scan`` for a (batch, d_inner, d_state) state of that itemsize."""
+    steps = max(1, SCAN_CHUNK_BYTES // (batch * d_inner * d_state * itemsize))
+    return min(64, max(4, 2 ** int(math.log2(steps))))
 
 
 def _chunk_states(h0, dt, A, B, u, hs, decay):
@@ -402,18 +411,22 @@ def _chunk_backward(h0, carry, dt, A, B, C, u, dy, bufs, grads, dA):
     gB = (gs @ B.unsqueeze(-1)).squeeze(-1)                                    # g_t . B_t: (K, B, D)
     dB.copy_(((dt * u).unsqueeze(2) @ gs).squeeze(2))                          # (K, B, N)
     du.copy_(gB * dt)
-    ddt.copy_(torch.mul(q, A, out=hs).sum(-1) + gB * u)                        # hs no longer needed: scratch
-    dA += torch.einsum("kbdn,kbd->dn", q, dt)
+    # hs and gs are no longer needed: scratch for the two products (an einsum would copy q once more).
+    ddt.copy_(torch.mul(q, A, out=hs).sum(-1) + gB * u)
+    dA += torch.mul(q, dt.unsqueeze(-1), out=gs).sum((0, 1))
     return carry
 
 
-def selective_scan(dt, A, B, C, u, chunk_len: int = SCAN_CHUNK_LEN) -> torch.Tensor:
+def selective_scan(dt, A, B, C, u, chunk_len: int | None = None) -> torch.Tensor:
     """Mamba's selective scan without the D u skip, chunked: y (B, L, D), y_t = C_t . h_t,
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, h_0 = 0.
 
     dt, u (B, L, D); A (D, N), negative; B, C (B, L, N); all one floating dtype. Differentiable
     in every input (see ``_ChunkedScan``). Runs in the inputs' dtype: autocast is off inside.
+    chunk_len: steps per chunk, None for ``scan_chunk_len``'s choice.
     """
+    if chunk_len is None:
+        chunk_len = scan_chunk_len(u.shape[0], *A.shape, u.element_size())
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
         raise ValueError(f"chunk_len must be a positive integer, got {chunk_len!r}")
     with torch.autocast(u.device.type, enabled=False):

@@ -244,9 +244,10 @@ def tiny_mixer(seed=0, scan="chunked"):
     return mixer
 
 
-# The default chunk (16 steps) against T = 1, a part of one chunk (15), a T it does not divide
-# (63, 300: a short last chunk) and several chunks.
-@pytest.mark.parametrize("scan", baselines.MAMBA_SCANS)
+# The chunked scan at its own chunk length for these sizes (64 steps: T = 1, 15, 63 within one
+# chunk, 300 in five, the last one short) and at 4 steps (15, 63, 300 end in a short chunk).
+@pytest.mark.parametrize("scan, chunk_bytes", [("chunked", None), ("chunked", 1), ("pscan", None)],
+                         ids=["chunked", "chunked-4-steps", "pscan"])
 @pytest.mark.parametrize("dtype, T, mode, tol", [
     pytest.param(torch.float64, 1, "train", 1e-12, id="float64-T1"),
     pytest.param(torch.float64, 15, "train", 1e-12, id="float64-T15-padded-scan"),
@@ -256,8 +257,11 @@ def tiny_mixer(seed=0, scan="chunked"):
     pytest.param(torch.float32, 63, "train", 1e-5, id="float32-T63"),
     pytest.param(torch.float32, 300, "eval", 1e-5, id="float32-T300-eval"),
 ])
-def test_torch_mamba_matches_sequential_reference(scan, dtype, T, mode, tol):
+def test_torch_mamba_matches_sequential_reference(monkeypatch, scan, chunk_bytes, dtype, T, mode, tol):
     """Outputs and all gradients against the equations with explicit loops, in float64."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(baselines, "SCAN_CHUNK_BYTES", chunk_bytes)
+        assert baselines.scan_chunk_len(2, 32, 4, 8) == 4
     mixer = tiny_mixer(scan=scan).train(mode == "train")
     ref = tiny_mixer()
     ref.load_state_dict(mixer.state_dict())
@@ -325,6 +329,13 @@ def test_selective_scan_is_safe_under_large_decays():
     for a, b in zip([y, *(t.grad for t in ours)], [y_ref, *(t.grad for t in ref)]):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.double(), b.detach(), atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+
+
+def test_scan_chunk_len_keeps_a_chunk_near_4_mib():
+    assert baselines.scan_chunk_len(32, 1536, 16, 4) == 4       # the paper's size: 3 MiB a step, the floor
+    assert baselines.scan_chunk_len(16, 384, 16, 4) == 8        # 384 KiB a step
+    assert baselines.scan_chunk_len(16, 384, 16, 8) == 4        # float64: half the steps
+    assert baselines.scan_chunk_len(2, 32, 4, 8) == 64          # tiny: the cap
 
 
 def test_selective_scan_bad_chunk_len():

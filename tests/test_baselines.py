@@ -28,6 +28,8 @@ from gam_model import GAMBlock, GAM_Model, ModelConfig
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_MAMBA_SSM = baselines.Mamba is not None
+# mambapy is optional (TorchMamba's scan="pscan" only): its cases skip without it.
+needs_mambapy = pytest.mark.skipif(baselines.pscan is None, reason="needs mambapy (scan='pscan')")
 
 # The keys (and registration order) of mamba_ssm.Mamba's state_dict.
 MAMBA_SSM_KEYS = ["A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias",
@@ -246,8 +248,11 @@ def tiny_mixer(seed=0, scan="chunked"):
 
 # The chunked scan at its own chunk length for these sizes (64 steps: T = 1, 15, 63 within one
 # chunk, 300 in five, the last one short) and at 4 steps (15, 63, 300 end in a short chunk).
-@pytest.mark.parametrize("scan, chunk_bytes", [("chunked", None), ("chunked", 1), ("pscan", None)],
-                         ids=["chunked", "chunked-4-steps", "pscan"])
+@pytest.mark.parametrize("scan, chunk_bytes", [
+    pytest.param("chunked", None, id="chunked"),
+    pytest.param("chunked", 1, id="chunked-4-steps"),
+    pytest.param("pscan", None, id="pscan", marks=needs_mambapy),
+])
 @pytest.mark.parametrize("dtype, T, mode, tol", [
     pytest.param(torch.float64, 1, "train", 1e-12, id="float64-T1"),
     pytest.param(torch.float64, 15, "train", 1e-12, id="float64-T15-padded-scan"),
@@ -344,7 +349,8 @@ def test_selective_scan_bad_chunk_len():
             baselines.selective_scan(*scan_inputs(1, 3, 2, 2), chunk_len=bad)
 
 
-@pytest.mark.parametrize("scan, name", [("chunked", "selective_scan"), ("pscan", "pscan")])
+@pytest.mark.parametrize("scan, name", [("chunked", "selective_scan"),
+                                        pytest.param("pscan", "pscan", marks=needs_mambapy)])
 def test_torch_mamba_scans_in_float32(monkeypatch, scan, name):
     """Either scan runs in training and eval mode, in float32 under bf16 autocast."""
     calls = []
@@ -387,6 +393,7 @@ def test_torch_mamba_needs_mambapy_only_for_pscan(monkeypatch):
         mixer.scan = "pscan"
 
 
+@needs_mambapy
 def test_torch_mamba_scan_choice():
     mixer = tiny_mixer()
     x = torch.randn(2, 9, 16)

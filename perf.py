@@ -16,8 +16,9 @@
    defaults): one mixer in train mode, forward + backward (mamba-layer), and a whole training
    step, forward, backward and AdamW, of MambaLM against GAM_Model, as ``build_lm`` builds them
    (mamba-step); each with the bytes saved for backward (as above) and the median time of runs
-   interleaved across the variants. ``--mamba-scans chunked`` leaves out the slow pscan (at the
-   paper's size minutes a step, and GiBs saved per layer).
+   interleaved across the variants. ``--mamba-scans chunked`` leaves out the slow pscan: at the
+   paper's size it saves 2 GiB a layer (a 6-layer step ~13 GiB) and takes minutes a step, so on a
+   small machine time its step at ``--mamba-batch 8`` (3.1 GiB).
 
 A separate script rather than a scale.py mode: these are fixed-size comparisons of
 implementations, not sweeps over lengths, so scale.py's per-length rows, fits and plots do not

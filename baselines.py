@@ -19,7 +19,9 @@ so the paper's timings) do; ``"sdpa"`` calls ``F.scaled_dot_product_attention``
 The Mamba mixer is the official ``mamba_ssm.Mamba`` when it is installed and the
 model lives on CUDA; otherwise ``TorchMamba``, a plain PyTorch module in the layout of
 mamba_ssm's ``mamba_simple.py`` (same parameter names, shapes and initialisation, so
-state dicts move between the two) whose selective scan is ``mambapy``'s parallel scan.
+state dicts move between the two) whose selective scan is ``selective_scan``, chunked with a
+backward that recomputes each chunk (``scan="chunked"``, the default), or ``mambapy``'s
+parallel scan (``scan="pscan"``).
 
 Parameter counts at ``ModelConfig()`` (the paper's config), exact:
 Transformer 24,166,400; Mamba (reference stacking) 20,504,576.
@@ -40,6 +42,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, check_config, feed_forward
@@ -49,7 +52,7 @@ try:  # the official fused kernels; CUDA-only to install, and a broken CUDA buil
 except Exception:
     Mamba = None
 
-try:  # mambapy's parallel (Blelloch) scan, pure PyTorch: the scan of TorchMamba
+try:  # mambapy's parallel (Blelloch) scan, pure PyTorch: TorchMamba's scan="pscan" (optional)
     from mambapy.pscan import pscan
 except ImportError:
     pscan = None
@@ -57,12 +60,15 @@ except ImportError:
 __all__ = [
     "ATTENTION_IMPLS",
     "MAMBA_IMPLS",
+    "MAMBA_SCANS",
     "FAMILIES",
     "MODEL_NAMES",
     "BLOCK_NAMES",
     "CausalSelfAttention",
     "TransformerBlock",
     "TransformerLM",
+    "selective_scan",
+    "scan_chunk_len",
     "TorchMamba",
     "MambaResidualBlock",
     "MambaLM",
@@ -74,6 +80,7 @@ __all__ = [
 
 ATTENTION_IMPLS = ("naive", "sdpa")
 MAMBA_IMPLS = ("auto", "mamba_ssm", "torch")
+MAMBA_SCANS = ("chunked", "pscan")  # TorchMamba's selective scan
 BLOCK_NAMES = ("gam", "transformer", "transformer-sdpa", "mamba")
 
 
@@ -287,6 +294,149 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
+# ----------------------------------------------------------------------------------------
+# The chunked selective scan of TorchMamba
+# ----------------------------------------------------------------------------------------
+
+# Steps per chunk (``scan_chunk_len``): as many as keep one (K, B, D, N) buffer near 4 MiB, between
+# 4 and 64. Measured on CPU (forward + backward of the scan, fp32, 1 thread): at the paper's size
+# (B=32, d_inner 1536, d_state 16: 3 MiB a step) K=4 takes 2.3 s, K=8 3.2 s, K=16 3.5 s; at
+# B=16, d_inner 384, d_state 16 K=8 is best (K=32: 1.7x its time); at a test's size (2 KiB a step)
+# K=64 (python overhead per chunk dominates). The backward keeps the state at every chunk start,
+# (L/K, B, D, N): N/K of a (B, L, D) activation, 4 of them at the paper's size (192 MiB a layer of
+# the 691 MiB it saves; mambapy's scan saves 2083 MiB).
+SCAN_CHUNK_BYTES = 4 * 2 ** 20
+
+
+def scan_chunk_len(batch: int, d_inner: int, d_state: int, itemsize: int) -> int:
+    """The chunk length of ``selective_scan`` for a (batch, d_inner, d_state) state of that itemsize."""
+    steps = max(1, SCAN_CHUNK_BYTES // (batch * d_inner * d_state * itemsize))
+    return min(64, max(4, 2 ** int(math.log2(steps))))
+
+
+def _chunk_states(h0, dt, A, B, u, hs, decay):
+    """The states of one chunk, time-major, written into the buffers ``hs`` and ``decay``.
+
+    h0 (B, D, N) the state before the chunk; dt, u (K, B, D); A (D, N); B (K, B, N).
+    Step by step (K in-place (B, D, N) updates), not a closed form from cumulative log-decays:
+    the factored one, exp(cum_t) cumsum_s(exp(-cum_s) x_s), needs exp(+large) once a chunk's
+    total decay passes ~88 (float32), and the safe one, exp(cum_t - cum_s) for every s <= t, is
+    K times the work, as the decay differs per (d, n). A step only multiplies by exp(dt_t A) <= 1.
+    """
+    torch.mul(dt.unsqueeze(-1), A, out=decay).exp_()                          # (K, B, D, N)
+    torch.mul((dt * u).unsqueeze(-1), B.unsqueeze(2), out=hs)                  # dt_t B_t u_t: (K, B, D, N)
+    hs[0].addcmul_(decay[0], h0)
+    for k in range(1, hs.shape[0]):
+        hs[k].addcmul_(decay[k], hs[k - 1])                                    # h_t = exp(dt_t A) h_{t-1} + ...
+
+
+def _time_major(*tensors):
+    return [t.transpose(0, 1).contiguous() for t in tensors]                  # (B, L, .) -> (L, B, .)
+
+
+def _chunks(L: int, K: int):
+    """(index, slice) of each chunk of K steps (the last one shorter when K does not divide L)."""
+    return list(enumerate(slice(c, min(c + K, L)) for c in range(0, L, K)))
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, h_0 = 0 (no D u_t term).
+
+    Forward keeps only the state at each chunk start; backward recomputes a chunk's states from
+    it (as mamba_ssm's CUDA kernel recomputes from its inputs), so no (B, L, D, N) tensor is ever
+    built or saved: only (K, B, D, N) buffers, reused across chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, dt, A, B, C, u, chunk_len):
+        dt_, B_, C_, u_ = _time_major(dt, B, C, u)                             # (L, B, .): a chunk is one slice
+        (L, Bs, D), N = u_.shape, A.shape[1]
+        K = min(chunk_len, L)
+        hs, decay = u_.new_empty(K, Bs, D, N), u_.new_empty(K, Bs, D, N)
+        chunks = _chunks(L, K)
+        starts = u_.new_zeros(len(chunks), Bs, D, N)                           # h before each chunk
+        y = u_.new_empty(L, Bs, D)
+        for i, s in chunks:
+            n = s.stop - s.start
+            _chunk_states(starts[i], dt_[s], A, B_[s], u_[s], hs[:n], decay[:n])
+            y[s] = (hs[:n] @ C_[s].unsqueeze(-1)).squeeze(-1)                  # C_t . h_t: (n, B, D)
+            if i + 1 < len(chunks):
+                starts[i + 1] = hs[n - 1]
+        ctx.save_for_backward(dt, A, B, C, u, starts)  # the inputs as given: storages shared with other saves
+        ctx.chunk_len = K
+        return y.transpose(0, 1)                                               # (B, L, D)
+
+    @staticmethod
+    @once_differentiable  # a hand-written backward: no graph of its own to differentiate again
+    def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):  # as the forward, also if backward runs under autocast
+            return _ChunkedScan._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        dt, A, B, C, u, starts = ctx.saved_tensors
+        dt, B, C, u, dy = _time_major(dt, B, C, u, dy)                         # (L, B, .)
+        K = ctx.chunk_len
+        bufs = [u.new_empty(K, *starts.shape[1:]) for _ in range(3)]           # 3 x (K, B, D, N)
+        grads = [torch.empty_like(t) for t in (dt, B, C, u)]                   # ddt, dB, dC, du: (L, B, .)
+        dA = torch.zeros_like(A)                                               # (D, N)
+        carry = torch.zeros_like(starts[0])                                    # dloss/dh after the chunk, (B, D, N)
+        for i, s in reversed(_chunks(u.shape[0], K)):
+            n = s.stop - s.start
+            carry = _chunk_backward(starts[i], carry, dt[s], A, B[s], C[s], u[s], dy[s],
+                                    [b[:n] for b in bufs], [g[s] for g in grads], dA)
+        ddt, dB, dC, du = (g.transpose(0, 1) for g in grads)                   # (B, L, .)
+        return ddt, dA, dB, dC, du, None
+
+
+def _chunk_backward(h0, carry, dt, A, B, C, u, dy, bufs, grads, dA):
+    """One chunk of the backward (time-major, as ``_chunk_states``): writes d dt, dB, dC, du of
+    the chunk into ``grads``, adds its share to dA; ``carry`` is exp(dt A) g at the step after the
+    chunk, and the same at the chunk's first step is returned, for the chunk before.
+
+    g_t = dloss/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; with x_t = dt_t u_t B_t and
+    q_t = g_t * exp(dt_t A) h_{t-1} (the gradient of dt_t A):
+    dC_t = dy_t . h_t, dB_t = (dt_t u_t) . g_t, d(dt_t u_t) = g_t . B_t,
+    d dt_t = q_t . A + u_t (g_t . B_t), dA = sum q_t dt_t.
+    """
+    hs, decay, gs = bufs                                                       # 3 x (K, B, D, N)
+    ddt, dB, dC, du = grads
+    _chunk_states(h0, dt, A, B, u, hs, decay)                                  # recomputed, not stored
+    dC.copy_((dy.unsqueeze(2) @ hs).squeeze(2))                                # (K, B, N)
+    torch.mul(dy.unsqueeze(-1), C.unsqueeze(2), out=gs)                        # C_t dy_t: (K, B, D, N)
+    gs[-1] += carry
+    for k in range(gs.shape[0] - 2, -1, -1):
+        gs[k].addcmul_(decay[k + 1], gs[k + 1])
+    carry = decay[0] * gs[0]                                                   # (B, D, N)
+    q = decay                                                                  # overwritten: exp(dt_t A) h_{t-1} g_t
+    q[1:].mul_(hs[:-1])
+    q[0].mul_(h0)
+    q.mul_(gs)                                                                 # (K, B, D, N)
+    gB = (gs @ B.unsqueeze(-1)).squeeze(-1)                                    # g_t . B_t: (K, B, D)
+    dB.copy_(((dt * u).unsqueeze(2) @ gs).squeeze(2))                          # (K, B, N)
+    du.copy_(gB * dt)
+    # hs and gs are no longer needed: scratch for the two products (an einsum would copy q once more).
+    ddt.copy_(torch.mul(q, A, out=hs).sum(-1) + gB * u)
+    dA += torch.mul(q, dt.unsqueeze(-1), out=gs).sum((0, 1))
+    return carry
+
+
+def selective_scan(dt, A, B, C, u, chunk_len: int | None = None) -> torch.Tensor:
+    """Mamba's selective scan without the D u skip, chunked: y (B, L, D), y_t = C_t . h_t,
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, h_0 = 0.
+
+    dt, u (B, L, D); A (D, N), negative; B, C (B, L, N); all one floating dtype. Differentiable
+    in every input (see ``_ChunkedScan``). Runs in the inputs' dtype: autocast is off inside.
+    chunk_len: steps per chunk, None for ``scan_chunk_len``'s choice.
+    """
+    if chunk_len is None:
+        chunk_len = scan_chunk_len(u.shape[0], *A.shape, u.element_size())
+    if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
+        raise ValueError(f"chunk_len must be a positive integer, got {chunk_len!r}")
+    with torch.autocast(u.device.type, enabled=False):
+        return _ChunkedScan.apply(dt, A, B, C, u, chunk_len)
+
+
 # Not transformers' MambaMixer: in transformers 5.24 it calls mamba_ssm's CUDA kernels whenever
 # mamba_ssm imports, without looking at the tensors' device, so it fails on CPU tensors there.
 class TorchMamba(nn.Module):
@@ -295,14 +445,16 @@ class TorchMamba(nn.Module):
     The layout of mamba_ssm's ``mamba_simple.py`` (parameters in_proj, conv1d, x_proj,
     dt_proj, A_log, D, out_proj: same names, shapes, state_dict order and initialisation,
     so state dicts move between the two), d_inner = expand * d_model, dt_rank =
-    ceil(d_model / 16), no in/out-proj bias, conv bias on. The selective scan is mambapy's
-    parallel (Blelloch) scan, in training and eval mode alike, in at least float32.
+    ceil(d_model / 16), no in/out-proj bias, conv bias on. The selective scan, in training and
+    eval mode alike, in at least float32, is ``scan``: ``"chunked"`` (default; ``selective_scan``,
+    no dependency) or ``"pscan"`` (mambapy's parallel (Blelloch) scan, which builds several
+    (B, L, D, N) tensors: slower and bigger on CPU, kept to compare). The same function either way.
     """
 
-    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, device=None):
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, device=None,
+                 scan: str = "chunked"):
         super().__init__()
-        if pscan is None:
-            raise ImportError("the pure-PyTorch Mamba mixer needs mambapy's parallel scan: pip install mambapy")
+        self.scan = scan
         D, R = expand * d_model, math.ceil(d_model / 16)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner, self.dt_rank = D, R
@@ -330,6 +482,19 @@ class TorchMamba(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
+    @property
+    def scan(self) -> str:
+        """``"chunked"`` or ``"pscan"``: the selective scan of ``forward`` (``step`` is one step of either)."""
+        return self._scan
+
+    @scan.setter
+    def scan(self, value: str) -> None:
+        if value not in MAMBA_SCANS:
+            raise ValueError(f"scan must be one of {MAMBA_SCANS}, got {value!r}")
+        if value == "pscan" and pscan is None:
+            raise ImportError("scan='pscan' needs mambapy's parallel scan: pip install mambapy; or use scan='chunked'")
+        self._scan = value
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
         L, N, R = hidden_states.shape[1], self.d_state, self.dt_rank
@@ -341,9 +506,13 @@ class TorchMamba(nn.Module):
         f = torch.promote_types(x.dtype, torch.float32)
         dt, B, C, u = dt.to(f), B.to(f), C.to(f), x.to(f)
         A = -torch.exp(self.A_log.to(f))                                       # (D, N)
-        h = pscan(torch.exp(dt.unsqueeze(-1) * A),                             # h_t = exp(dt_t A) h_{t-1}
-                  (dt * u).unsqueeze(-1) * B.unsqueeze(2))                     #       + dt_t B_t u_t: (B, L, D, N)
-        y = (h @ C.unsqueeze(-1)).squeeze(-1) + self.D.to(f) * u               # C_t . h_t + D u_t: (B, L, D)
+        if self.scan == "pscan":
+            h = pscan(torch.exp(dt.unsqueeze(-1) * A),                         # h_t = exp(dt_t A) h_{t-1}
+                      (dt * u).unsqueeze(-1) * B.unsqueeze(2))                 #       + dt_t B_t u_t: (B, L, D, N)
+            y = (h @ C.unsqueeze(-1)).squeeze(-1)                              # C_t . h_t: (B, L, D)
+        else:
+            y = selective_scan(dt, A, B, C, u)                                 # the same, chunked: (B, L, D)
+        y = y + self.D.to(f) * u                                               # + D u_t
         return self.out_proj(y.to(x.dtype) * self.act(z))                      # (B, L, d_model)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):
@@ -391,7 +560,7 @@ def build_mamba_mixer(
     CUDA kernels; CUDA only), ``"torch"`` (``TorchMamba``, on any device, CUDA included:
     it never calls mamba_ssm's kernels) or ``"auto"`` (mamba_ssm if it imports and
     ``device`` is CUDA, else torch). Returns ``(mixer, implementation_name)``, the name
-    being ``"mamba_ssm"`` or ``"mamba-torch-pscan"``.
+    being ``"mamba_ssm"`` or ``"mamba-torch-chunked"`` (TorchMamba's default scan).
     """
     for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -414,8 +583,9 @@ def build_mamba_mixer(
 
 
 def mixer_implementation(mixer: nn.Module) -> str:
-    """``"mamba-torch-pscan"`` for a TorchMamba, ``"mamba_ssm"`` for the official mixer."""
-    return "mamba-torch-pscan" if isinstance(mixer, TorchMamba) else "mamba_ssm"
+    """``"mamba-torch-chunked"`` or ``"mamba-torch-pscan"`` for a TorchMamba (by its ``scan``),
+    ``"mamba_ssm"`` for the official mixer."""
+    return f"mamba-torch-{mixer.scan}" if isinstance(mixer, TorchMamba) else "mamba_ssm"
 
 
 class MambaResidualBlock(nn.Module):
@@ -470,7 +640,7 @@ class MambaLM(CausalLM):
     @property
     def implementation(self) -> str:
         """The mixers' implementation (``impl="auto"`` chooses by device): ``"mamba_ssm"`` or
-        ``"mamba-torch-pscan"``."""
+        ``"mamba-torch-chunked"`` (``"mamba-torch-pscan"`` once its mixers' ``scan`` is set so)."""
         return mixer_implementation(self._mixer(self.blocks[0]))
 
     def family_config(self) -> dict:
@@ -536,7 +706,7 @@ def build_lm(
     ``mamba_residual``, ``mamba_impl``). Options of the other families are ignored, so one
     call site can build all three. The returned model has an ``implementation`` attribute:
     ``"gam"``, ``"transformer-naive"``, ``"transformer-sdpa"``, ``"mamba_ssm"``,
-    ``"mamba-torch-pscan"``.
+    ``"mamba-torch-chunked"``.
     """
     if name not in FAMILIES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")

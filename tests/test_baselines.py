@@ -22,11 +22,14 @@ from baselines import (
     build_block,
     build_lm,
     build_mamba_mixer,
+    mixer_implementation,
 )
 from gam_model import GAMBlock, GAM_Model, ModelConfig
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_MAMBA_SSM = baselines.Mamba is not None
+# mambapy is optional (TorchMamba's scan="pscan" only): its cases skip without it.
+needs_mambapy = pytest.mark.skipif(baselines.pscan is None, reason="needs mambapy (scan='pscan')")
 
 # The keys (and registration order) of mamba_ssm.Mamba's state_dict.
 MAMBA_SSM_KEYS = ["A_log", "D", "in_proj.weight", "conv1d.weight", "conv1d.bias",
@@ -229,10 +232,11 @@ def reference_mamba(mixer, x):
     return y @ W_out.T                                        # (B, L, C)
 
 
-def tiny_mixer(seed=0):
+def tiny_mixer(seed=0, scan="chunked"):
     torch.manual_seed(seed)
     mixer, impl = build_mamba_mixer(16, d_state=4, d_conv=4, expand=2, impl="torch")
-    assert impl == "mamba-torch-pscan" and type(mixer) is TorchMamba
+    assert impl == "mamba-torch-chunked" and type(mixer) is TorchMamba
+    mixer.scan = scan
     # Move every parameter away from its init so that each term matters (at init dt is
     # small and the state barely moves), keeping dt = softplus(.) of order 1.
     with torch.no_grad():
@@ -242,17 +246,28 @@ def tiny_mixer(seed=0):
     return mixer
 
 
+# The chunked scan at its own chunk length for these sizes (64 steps: T = 1, 15, 63 within one
+# chunk, 300 in five, the last one short) and at 4 steps (15, 63, 300 end in a short chunk).
+@pytest.mark.parametrize("scan, chunk_bytes", [
+    pytest.param("chunked", None, id="chunked"),
+    pytest.param("chunked", 1, id="chunked-4-steps"),
+    pytest.param("pscan", None, id="pscan", marks=needs_mambapy),
+])
 @pytest.mark.parametrize("dtype, T, mode, tol", [
-    pytest.param(torch.float64, 1, "train", 1e-10, id="float64-T1"),
-    pytest.param(torch.float64, 15, "train", 1e-10, id="float64-T15-padded-scan"),
-    pytest.param(torch.float64, 63, "eval", 1e-10, id="float64-T63-eval"),
-    pytest.param(torch.float64, 300, "train", 1e-10, id="float64-T300"),
+    pytest.param(torch.float64, 1, "train", 1e-12, id="float64-T1"),
+    pytest.param(torch.float64, 15, "train", 1e-12, id="float64-T15-padded-scan"),
+    pytest.param(torch.float64, 63, "eval", 1e-12, id="float64-T63-eval"),
+    pytest.param(torch.float64, 300, "train", 1e-12, id="float64-T300"),
     pytest.param(torch.float32, 15, "train", 1e-5, id="float32-T15"),
+    pytest.param(torch.float32, 63, "train", 1e-5, id="float32-T63"),
     pytest.param(torch.float32, 300, "eval", 1e-5, id="float32-T300-eval"),
 ])
-def test_torch_mamba_matches_sequential_reference(dtype, T, mode, tol):
+def test_torch_mamba_matches_sequential_reference(monkeypatch, scan, chunk_bytes, dtype, T, mode, tol):
     """Outputs and all gradients against the equations with explicit loops, in float64."""
-    mixer = tiny_mixer().train(mode == "train")
+    if chunk_bytes is not None:
+        monkeypatch.setattr(baselines, "SCAN_CHUNK_BYTES", chunk_bytes)
+        assert baselines.scan_chunk_len(2, 32, 4, 8) == 4
+    mixer = tiny_mixer(scan=scan).train(mode == "train")
     ref = tiny_mixer()
     ref.load_state_dict(mixer.state_dict())
     mixer, ref = mixer.to(dtype), ref.double()
@@ -274,35 +289,123 @@ def test_torch_mamba_matches_sequential_reference(dtype, T, mode, tol):
     torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, atol=tol, rtol=tol)
     ref_params = dict(ref.named_parameters())
     for name, p in mixer.named_parameters():
-        torch.testing.assert_close(p.grad.double(), ref_params[name].grad, atol=10 * tol, rtol=10 * tol, msg=name)
+        g = ref_params[name].grad
+        # relative to the gradient's scale: its entries near zero carry float32 rounding of its big ones
+        torch.testing.assert_close(p.grad.double(), g, atol=tol * g.abs().max().item(), rtol=tol, msg=name)
 
 
-def test_torch_mamba_scans_with_mambapy_in_float32(monkeypatch):
-    """mambapy's parallel scan runs in training and eval mode, in float32 under bf16 autocast."""
+def sequential_scan(dt, A, B, C, u):
+    """The selective scan (without D u), step by step: y (B, L, D)."""
+    h = dt.new_zeros(dt.shape[0], *A.shape)                   # (B, D, N)
+    ys = []
+    for t in range(dt.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1)
+
+
+def scan_inputs(Bsz, L, D, N, dtype=torch.float64, dt_scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dt = (torch.rand(Bsz, L, D, generator=g, dtype=dtype) + 0.05) * dt_scale
+    A = -(torch.rand(D, N, generator=g, dtype=dtype) * 2 + 0.1)
+    B, C = (torch.randn(Bsz, L, N, generator=g, dtype=dtype) for _ in range(2))
+    u = torch.randn(Bsz, L, D, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (dt, A, B, C, u)]
+
+
+@pytest.mark.parametrize("L, chunk_len", [(1, 4), (5, 1), (7, 3), (8, 4), (6, 16)],
+                         ids=["T1", "chunk1", "T7-chunk3", "T8-chunk4", "chunk-over-T"])
+def test_selective_scan_gradcheck(L, chunk_len):
+    inputs = scan_inputs(2, L, 3, 2)
+    torch.testing.assert_close(baselines.selective_scan(*inputs, chunk_len=chunk_len), sequential_scan(*inputs),
+                               atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: baselines.selective_scan(*a, chunk_len=chunk_len), inputs)
+
+
+def test_selective_scan_is_safe_under_large_decays():
+    """Log-decays of thousands within one chunk (dt ~ 100, |A| up to 2): nothing overflows and
+    float32 still matches the float64 steps, gradients included."""
+    ref = scan_inputs(2, 40, 8, 4, dt_scale=100.0)
+    ours = [t.detach().float().requires_grad_() for t in ref]
+    w = torch.randn(2, 40, 8, dtype=torch.float64)
+    y_ref, y = sequential_scan(*ref), baselines.selective_scan(*ours, chunk_len=32)
+    (y_ref * w).sum().backward()
+    (y * w.float()).sum().backward()
+    for a, b in zip([y, *(t.grad for t in ours)], [y_ref, *(t.grad for t in ref)]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b.detach(), atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+
+
+def test_scan_chunk_len_keeps_a_chunk_near_4_mib():
+    assert baselines.scan_chunk_len(32, 1536, 16, 4) == 4       # the paper's size: 3 MiB a step, the floor
+    assert baselines.scan_chunk_len(16, 384, 16, 4) == 8        # 384 KiB a step
+    assert baselines.scan_chunk_len(16, 384, 16, 8) == 4        # float64: half the steps
+    assert baselines.scan_chunk_len(2, 32, 4, 8) == 64          # tiny: the cap
+
+
+def test_selective_scan_bad_chunk_len():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_len"):
+            baselines.selective_scan(*scan_inputs(1, 3, 2, 2), chunk_len=bad)
+
+
+@pytest.mark.parametrize("scan, name", [("chunked", "selective_scan"),
+                                        pytest.param("pscan", "pscan", marks=needs_mambapy)])
+def test_torch_mamba_scans_in_float32(monkeypatch, scan, name):
+    """Either scan runs in training and eval mode, in float32 under bf16 autocast."""
     calls = []
-    real = baselines.pscan
+    real = getattr(baselines, name)
 
-    def recording(deltaA, deltaBx):
-        calls.append((tuple(deltaA.shape), deltaA.dtype, deltaBx.dtype))
-        return real(deltaA, deltaBx)
+    def recording(*args):
+        calls.append([(tuple(a.shape), a.dtype) for a in args])
+        return real(*args)
 
-    monkeypatch.setattr(baselines, "pscan", recording)
-    mixer = tiny_mixer()
+    monkeypatch.setattr(baselines, name, recording)
+    mixer = tiny_mixer(scan=scan)
     x = torch.randn(2, 10, 16)
     mixer.train()(x).sum().backward()
     with torch.no_grad():
         y_eval = mixer.eval()(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y_bf16 = mixer(x)
-    assert calls == [((2, 10, 32, 4), torch.float32, torch.float32)] * 3
+    shapes = ([(2, 10, 32, 4)] * 2 if scan == "pscan"                      # exp(dt A), dt B u
+              else [(2, 10, 32), (32, 4), (2, 10, 4), (2, 10, 4), (2, 10, 32)])  # dt, A, B, C, u
+    assert calls == [[(s, torch.float32) for s in shapes]] * 3
     assert y_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(y_bf16.float(), y_eval, atol=0.05, rtol=0.05)  # bf16 in the projections only
 
 
-def test_torch_mamba_needs_mambapy(monkeypatch):
+def test_chunked_scan_backward_under_autocast_stays_float32():
+    mixer = tiny_mixer()
+    x = torch.randn(2, 20, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixer(x).float().sum().backward()  # backward inside the autocast region too
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in mixer.parameters())
+
+
+def test_torch_mamba_needs_mambapy_only_for_pscan(monkeypatch):
     monkeypatch.setattr(baselines, "pscan", None)
+    mixer, impl = build_mamba_mixer(16, impl="torch")  # chunked: no mambapy needed
+    assert impl == "mamba-torch-chunked" and mixer(torch.randn(1, 5, 16)).shape == (1, 5, 16)
     with pytest.raises(ImportError, match="mambapy"):
-        build_mamba_mixer(16, impl="torch")
+        TorchMamba(16, scan="pscan")
+    with pytest.raises(ImportError, match="mambapy"):
+        mixer.scan = "pscan"
+
+
+@needs_mambapy
+def test_torch_mamba_scan_choice():
+    mixer = tiny_mixer()
+    x = torch.randn(2, 9, 16)
+    y = mixer(x)
+    mixer.scan = "pscan"
+    assert mixer_implementation(mixer) == "mamba-torch-pscan"
+    torch.testing.assert_close(mixer(x), y, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="chunked"):
+        mixer.scan = "blelloch"
+    with pytest.raises(ValueError, match="chunked"):
+        TorchMamba(16, scan="sequential")
+    assert mixer.scan == "pscan"
 
 
 def test_mamba_init_follows_mamba_ssm():
@@ -332,7 +435,7 @@ def test_mamba_init_follows_mamba_ssm():
 def test_mamba_state_dict_keys_match_mamba_ssm(residual, prefix):
     cfg = tiny_config(N_EMBED=32)
     model = MambaLM(cfg, residual=residual)
-    assert model.implementation == "mamba-torch-pscan"
+    assert model.implementation == "mamba-torch-chunked"
     sd = model.state_dict()
     shapes = mamba_ssm_shapes(32)
     for i in range(cfg.N_LAYER):
@@ -368,8 +471,8 @@ def test_mamba_stacking():
     pytest.param("gam", {}, GAM_Model, "gam", id="gam"),
     pytest.param("transformer", {}, TransformerLM, "transformer-naive", id="transformer-naive"),
     pytest.param("transformer", {"attention": "sdpa"}, TransformerLM, "transformer-sdpa", id="transformer-sdpa"),
-    pytest.param("mamba", {}, MambaLM, "mamba-torch-pscan", id="mamba-cpu-auto"),
-    pytest.param("mamba", {"mamba_impl": "torch", "device": "cpu"}, MambaLM, "mamba-torch-pscan", id="mamba-torch"),
+    pytest.param("mamba", {}, MambaLM, "mamba-torch-chunked", id="mamba-cpu-auto"),
+    pytest.param("mamba", {"mamba_impl": "torch", "device": "cpu"}, MambaLM, "mamba-torch-chunked", id="mamba-torch"),
 ])
 def test_build_lm(name, kwargs, cls, implementation):
     torch.manual_seed(6)
@@ -412,7 +515,7 @@ def test_implementation_is_the_familys_whichever_way_the_model_is_built():
     cfg = tiny_config()
     assert GAM_Model(cfg).implementation == GAM_Model(cfg, block_impl="reference").implementation == "gam"
     assert TransformerLM(cfg, n_head=4, attention="sdpa").implementation == "transformer-sdpa"
-    assert MambaLM(cfg, impl="torch", residual=True).implementation == "mamba-torch-pscan"
+    assert MambaLM(cfg, impl="torch", residual=True).implementation == "mamba-torch-chunked"
     for name in baselines.MODEL_NAMES:
         assert build_lm(name, cfg).implementation == baselines.FAMILIES[name](cfg).implementation
 
@@ -446,6 +549,8 @@ def test_mamba_selection_with_stand_ins(monkeypatch):
 
     def stand_in(name):
         class StandIn(nn.Module):
+            scan = "chunked"  # read by mixer_implementation when it stands in for TorchMamba
+
             def __init__(self, *args, **kwargs):
                 super().__init__()
                 made.append((name, args, kwargs))
@@ -453,7 +558,7 @@ def test_mamba_selection_with_stand_ins(monkeypatch):
 
     monkeypatch.setattr(baselines, "Mamba", stand_in("mamba_ssm"))
     mixer, impl = build_mamba_mixer(32, impl="auto", device="cpu")
-    assert impl == "mamba-torch-pscan" and type(mixer) is TorchMamba and not made
+    assert impl == "mamba-torch-chunked" and type(mixer) is TorchMamba and not made
     mixer, impl = build_mamba_mixer(32, impl="auto", device="cuda")
     assert impl == "mamba_ssm" and type(mixer) is baselines.Mamba
     assert made == [("mamba_ssm", (), dict(d_model=32, d_state=16, d_conv=4, expand=3, device=torch.device("cuda")))]
@@ -463,14 +568,14 @@ def test_mamba_selection_with_stand_ins(monkeypatch):
     made.clear()
     monkeypatch.setattr(baselines, "TorchMamba", stand_in("torch"))
     mixer, impl = build_mamba_mixer(32, impl="torch", device="cuda")
-    assert impl == "mamba-torch-pscan" and [m[0] for m in made] == ["torch"]
+    assert impl == "mamba-torch-chunked" and [m[0] for m in made] == ["torch"]
 
 
 @pytest.mark.parametrize("name, implementation, cls", [
     pytest.param("gam", "gam", GAMBlock, id="gam"),
     pytest.param("transformer", "transformer-naive", TransformerBlock, id="transformer"),
     pytest.param("transformer-sdpa", "transformer-sdpa", TransformerBlock, id="transformer-sdpa"),
-    pytest.param("mamba", "mamba-torch-pscan", TorchMamba, id="mamba"),
+    pytest.param("mamba", "mamba-torch-chunked", TorchMamba, id="mamba"),
 ])
 def test_build_block(name, implementation, cls):
     block, impl = build_block(name, d_model=32, n_head=4, block_size=8)
@@ -507,7 +612,7 @@ def test_mamba_ssm_matches_fallback_on_cuda():
     official, impl = build_mamba_mixer(64, d_state=16, d_conv=4, expand=3, impl="mamba_ssm", device="cuda")
     assert impl == "mamba_ssm"
     fallback, impl = build_mamba_mixer(64, d_state=16, d_conv=4, expand=3, impl="torch", device="cuda")
-    assert impl == "mamba-torch-pscan"
+    assert impl == "mamba-torch-chunked"
     assert list(fallback.state_dict()) == list(official.state_dict())
     fallback.load_state_dict(official.state_dict(), strict=True)
     x = torch.randn(2, 100, 64, device="cuda")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import baselines
 import gam_model
 from baselines import TorchMamba, build_block, build_lm, build_mamba_mixer
 from gam_model import GAM_Model, ModelConfig
@@ -206,12 +207,15 @@ def test_transformer_block_step_equals_forward(attention, chunks):
     torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("scan", ["chunked", pytest.param("pscan", marks=pytest.mark.skipif(
+    baselines.pscan is None, reason="needs mambapy"))])
 @pytest.mark.parametrize("T", [1, 3, 40])
-def test_torch_mamba_step_equals_forward(T):
-    """mamba_ssm's step API on TorchMamba: one token at a time equals the parallel scan (float64)."""
+def test_torch_mamba_step_equals_forward(T, scan):
+    """mamba_ssm's step API on TorchMamba: one token at a time equals forward's scan (float64)."""
     torch.manual_seed(0)
     mixer, _ = build_mamba_mixer(16, d_state=4, d_conv=4, expand=2, impl="torch")
     assert isinstance(mixer, TorchMamba)
+    mixer.scan = scan
     mixer = mixer.double().eval()
     with torch.no_grad():
         for p in mixer.parameters():

@@ -29,9 +29,26 @@ def test_saved_bytes_counts_each_storage_once_without_parameters():
 
 def test_tiny_run_writes_json_and_markdown(tmp_path):
     assert perf.main(["--out-dir", str(tmp_path), "--batch", "2", "--seq-len", "16", "--d-model", "32",
-                      "--reps", "1", "--batch-sizes", "2", "--new-tokens", "3", "--threads", "1"]) == 0
+                      "--reps", "1", "--batch-sizes", "2", "--new-tokens", "3", "--threads", "1",
+                      "--mamba-batch", "2", "--mamba-seq-len", "40", "--mamba-d-model", "32", "--mamba-layers", "1",
+                      "--mamba-reps", "1"]) == 0
     doc = json.loads((tmp_path / "perf.json").read_text())
     assert doc["block"]["max_abs_diff_fast_vs_author"] < 1e-4
     assert doc["block"]["ratio_vs_author"]["fast"]["saved"] < 1
     assert doc["generate"]["gam B=2"]["identical_tokens"] is True
-    assert "Streaming tok/s" in (tmp_path / "perf.md").read_text()
+    layer, step = doc["mamba_layer"], doc["mamba_step"]
+    assert layer["max_abs_diff_chunked_vs_pscan"] < 1e-5
+    assert layer["ratio_vs_pscan"]["chunked"]["saved"] < 0.5  # no (B, L, D, N) tensor saved
+    assert set(step["time_s"]) == {"gam", "mamba-chunked", "mamba-pscan"}
+    assert step["ratio_vs_mamba_pscan"]["mamba-chunked"]["saved"] < 1
+    md = (tmp_path / "perf.md").read_text()
+    assert "Streaming tok/s" in md and "TorchMamba layer" in md and "| mamba-pscan |" in md
+
+
+def test_mamba_check_runs_one_scan_alone(tmp_path):
+    assert perf.main(["--out-dir", str(tmp_path), "--checks", "mamba-layer", "mamba-step", "--mamba-scans", "chunked",
+                      "--mamba-batch", "1", "--mamba-seq-len", "8", "--mamba-d-model", "16", "--mamba-layers", "1",
+                      "--mamba-reps", "1", "--threads", "1"]) == 0
+    doc = json.loads((tmp_path / "perf.json").read_text())
+    assert doc["mamba_layer"]["max_abs_diff_chunked_vs_pscan"] is None and "ratio_vs_pscan" not in doc["mamba_layer"]
+    assert set(doc["mamba_step"]["time_s"]) == {"gam", "mamba-chunked"}

@@ -66,7 +66,7 @@ def test_round_trip_gives_the_same_class_weights_and_logits(tmp_path, name):
         assert loaded.family_config() == model.family_config()
         assert torch.equal(loaded(ids())[0], model(ids())[0])  # exact: the same weights, the same function
     if isinstance(model, MambaLM):
-        assert loaded.implementation == "mamba-torch-pscan"
+        assert loaded.implementation == "mamba-torch-chunked"
 
 
 def test_tied_weights_are_stored_once_and_tied_after_load(tmp_path):

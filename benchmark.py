@@ -33,13 +33,14 @@ import torch
 import distributed
 import runs
 from baselines import build_lm
-from common import (StopSignals, atomic_write_json, atomic_write_text, autocast_context, free_memory, interrupt_exit_code,
+from common import (StopSignals, atomic_write_json, atomic_write_text, autocast_context, free_memory,
                     is_oom, one_line, run_metadata, sync)
 from config import (TrainConfig, UsageError, build_parser, explicit_flags, family_of, model_config, rank_device,
                     resolve_config, resolve_device, saved_fingerprints)
+from evaluation import evaluate, evaluate_test
 from gam_model import ModelConfig
 from report import print_tables, speed_markdown, speed_row, write_report, write_results, write_unigram
-from runs import DivergedError, RunError, Where
+from runs import DivergedError, Where
 
 # The training loss is read on the host (a device sync) every LOG_EVERY steps, not every step.
 LOG_EVERY = 25
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_command(parser, args, where)
         except BaseException as e:
             stop.disarm()  # the command is ending: a second signal must not cut its line short
-            return failed(e, where)
+            return runs.failed(e, where)
         finally:
             where.release()  # the run folder's lock
 
@@ -96,32 +97,6 @@ def run_command(parser, args, where: Where) -> int:
     run_all(cfg, data, device, logger, where)
     print_tables(Path(cfg.out_dir))
     return 0
-
-
-def failed(e: BaseException, where: Where) -> int:
-    """The exit code and one line of a command that stopped; a bug is raised again, since its
-    traceback is the useful report."""
-    if isinstance(e, UsageError):
-        return fail(f"error: {e}", 2)
-    if isinstance(e, DivergedError):  # raised once every run is done: the others are in the tables
-        print_tables(Path(where.out_dir))
-    if isinstance(e, RunError):
-        return fail(str(e), 1)
-    if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: under torchrun every rank has it, rank 0 says it
-        code = interrupt_exit_code(e)
-        return fail(runs.interrupted_line(where, e), code) if distributed.is_main() else code
-    if isinstance(e, (MemoryError, RuntimeError, OSError)):
-        if distributed.is_peer_failure(e):
-            return fail(runs.peer_failure_line(e, where), 1)
-        if isinstance(e, OSError) or is_oom(e):
-            return fail(runs.failure_line(e, where), 1)
-    raise e
-
-
-def fail(line: str, code: int) -> int:
-    who = f"benchmark.py (rank {distributed.rank()})" if distributed.world_size() > 1 else "benchmark.py"
-    print(f"{who}: {line}", file=sys.stderr)
-    return code
 
 
 # ---------------------------------------------------------------------------------------
@@ -499,54 +474,6 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) 
         t.scaler.update()
     t.scheduler.step()
     return loss.detach()
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, receptive_field: int | None = None, dtype: str = "fp32") -> dict:
-    """Validation statistics of one epoch:
-
-    - ``val_loss``: the mean of per-batch mean losses, as the author's code;
-    - ``val_loss_by_position``: the mean loss at each block position (position p has p + 1
-      tokens of context), which shows how much a model gains from context; NaN where no
-      target is scored (targets -100);
-    - on an associative-recall set (a dataset with ``distances``): the recall accuracy at the
-      queries, overall and split at ``receptive_field`` (synthetic.recall_accuracy).
-    """
-    from synthetic import recall_accuracy
-
-    model.eval()
-    T = loader.dataset[0][1].shape[-1]
-    losses, predictions = [], []
-    pos_sum = torch.zeros(T, dtype=torch.float64, device=device)                # (T,)
-    pos_count = torch.zeros(T, dtype=torch.long, device=device)                 # (T,)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast_context(dtype, device):
-            logits, loss = model(x, y)
-        logits = logits.float()
-        losses.append(loss.item())
-        per_token = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), y, reduction="none", ignore_index=-100)     # (B, T), 0 where ignored
-        pos_sum = pos_sum + per_token.double().sum(0)                       # (T,)
-        pos_count = pos_count + (y != -100).sum(0)                          # (T,)
-        predictions.append(logits.argmax(-1).cpu())                         # (B, T)
-    # Under torchrun each process evaluated its share of the batches (data.ShardedBatches): sum them.
-    loss_sum, n_batches, pos_sum, pos_count = distributed.all_sum([sum(losses), len(losses), pos_sum, pos_count])
-    by_position = torch.where(pos_count > 0, pos_sum / pos_count.clamp(min=1), math.nan)
-    stats = {"val_loss": loss_sum / n_batches, "val_loss_by_position": by_position.tolist()}
-    dataset = loader.dataset
-    if hasattr(dataset, "distances"):  # unshuffled batches, gathered back: predictions in dataset order
-        predictions = distributed.gather_batches(predictions)
-        stats.update(recall_accuracy(torch.cat(predictions), dataset.targets, dataset.distances, receptive_field))
-    return stats
-
-
-def evaluate_test(model, loader, device, dtype: str, record: dict) -> None:
-    """The final model on the test split, scored as validation is. The learning rate may be
-    chosen on validation, which then no longer estimates unseen data: test still does."""
-    test_loss = evaluate(model, loader, device, dtype=dtype)["val_loss"]
-    record.update(final_test_loss=test_loss, final_test_ppl=math.exp(min(test_loss, 700.0)))
-    print(f"  test {test_loss:.4f} | ppl {record['final_test_ppl']:.2f}")
 
 
 if __name__ == "__main__":

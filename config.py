@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read a dataset from local files instead of the Hugging Face Hub; "
                         "NAME=DIR per dataset, or a bare DIR when one hub dataset is selected")
     add_hparam_flags(p.add_argument_group("model and training (default: the paper's value, or the preset's)"))
+    add_mqar_flags(p)
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="run every (dataset, model) once per seed (overrides --seed); tables show mean ± std")
+    p.add_argument("--mamba-impl", choices=CHOICES["mamba_impl"], default="auto",
+                   help="mamba_ssm's CUDA kernels, or the pure-PyTorch mixer (torch); "
+                        "auto: mamba_ssm when it imports and the device is CUDA")
+    add_run_flags(p)
+    add_mode_flags(p)
+    return p
+
+
+def add_mqar_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("associative recall (--datasets mqar; --vocab-size and --block-size set its "
                              "vocabulary and sequence length)")
     g.add_argument("--mqar-kv-pairs", type=int, default=None, metavar="P",
@@ -162,11 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training examples (default {MQAR_HPARAMS['mqar_train_examples']})")
     g.add_argument("--mqar-val-examples", type=int, default=None, metavar="N",
                    help=f"validation examples (default {MQAR_HPARAMS['mqar_val_examples']})")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
-                   help="run every (dataset, model) once per seed (overrides --seed); tables show mean ± std")
-    p.add_argument("--mamba-impl", choices=CHOICES["mamba_impl"], default="auto",
-                   help="mamba_ssm's CUDA kernels, or the pure-PyTorch mixer (torch); "
-                        "auto: mamba_ssm when it imports and the device is CUDA")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where the run goes and how it runs: none of these changes a number."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out-dir", help="a new or empty folder; default: runs/<timestamp>")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR with its saved config")
@@ -181,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others at a collective before "
                         "the job fails (bounds the hang when one dies)")
+
+
+def add_mode_flags(p: argparse.ArgumentParser) -> None:
+    """Commands that train nothing, or only time the training."""
     p.add_argument("--unigram-only", action="store_true",
                    help="prepare the data, write the unigram reference PPL to unigram.json, train nothing")
     p.add_argument("--report", nargs="+", metavar="RUN_DIR",
@@ -195,7 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure training speed only: N timed optimizer steps per model on random tokens "
                         "(batch, length and models of the run), models interleaved step by step; writes "
                         "speed.json and speed.md; needs no data")
-    return p
 
 
 def positive_seconds(s: str) -> float:

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 import distributed
-from common import (LOCK_NAME, FolderLock, Terminated, UsageError, atomic_torch_save, atomic_write_json, one_line,
-                    run_metadata)
+from common import (LOCK_NAME, FolderLock, Terminated, UsageError, atomic_torch_save, atomic_write_json,
+                    interrupt_exit_code, is_oom, one_line, run_metadata)
 from config import GENERATED, MQAR_HPARAMS, PAPER_HPARAMS, TrainConfig, flag, is_paper_config
 from pretrained import is_saved_model, save_pretrained
+from report import print_tables
 
 
 class RunError(Exception):
@@ -388,6 +389,32 @@ def saved_epochs(where: Where) -> str:
     name, epoch = where.unsaved
     return (f"every finished epoch is saved except epoch {epoch} of {name}, whose checkpoint was not written "
             f"({name} resumes after epoch {epoch - 1})")
+
+
+def failed(e: BaseException, where: Where) -> int:
+    """The exit code and one line of a command that stopped; a bug is raised again, since its
+    traceback is the useful report."""
+    if isinstance(e, UsageError):
+        return fail(f"error: {e}", 2)
+    if isinstance(e, DivergedError):  # raised once every run is done: the others are in the tables
+        print_tables(Path(where.out_dir))
+    if isinstance(e, RunError):
+        return fail(str(e), 1)
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: under torchrun every rank has it, rank 0 says it
+        code = interrupt_exit_code(e)
+        return fail(interrupted_line(where, e), code) if distributed.is_main() else code
+    if isinstance(e, (MemoryError, RuntimeError, OSError)):
+        if distributed.is_peer_failure(e):
+            return fail(peer_failure_line(e, where), 1)
+        if isinstance(e, OSError) or is_oom(e):
+            return fail(failure_line(e, where), 1)
+    raise e
+
+
+def fail(line: str, code: int) -> int:
+    who = f"benchmark.py (rank {distributed.rank()})" if distributed.world_size() > 1 else "benchmark.py"
+    print(f"{who}: {line}", file=sys.stderr)
+    return code
 
 
 def failure_line(e: BaseException, where: Where) -> str:

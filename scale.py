@@ -142,6 +142,11 @@ def _positive_float(s):
 
 
 def parse_args(argv=None):
+    p = build_parser()
+    return resolve_args(p, p.parse_args(argv))
+
+
+def build_parser() -> OneLineParser:
     p = OneLineParser(prog="scale.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=list(MODES), default="train",
@@ -176,9 +181,11 @@ def parse_args(argv=None):
                         "On a busy machine fewer threads than cores avoid slow OpenMP barriers")
     p.add_argument("--out-dir", default=None, help="a new or empty folder; default runs/scale-<timestamp>")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
 
-    # Resolve the defaults that depend on the device; every refusal is one line + exit 2.
+
+def resolve_args(p: OneLineParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults that depend on the device and the mode; every refusal is one line + exit 2."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -215,6 +215,35 @@ def mqar_gap_probs(space: int, power_a: float = 0.01) -> torch.Tensor:
     return p / p.sum()
 
 
+def _check_mqar_args(num_examples, vocab_size, seq_len, num_kv_pairs, power_a, seed, split) -> None:
+    """mqar's arguments make a well-defined task: a ValueError naming the fix otherwise."""
+    if not _is_int(num_examples) or num_examples < 1:
+        raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
+    for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("num_kv_pairs", num_kv_pairs)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if split not in MQAR_SPLITS:
+        raise ValueError(f"split must be one of {MQAR_SPLITS}, got {split!r}")
+    if isinstance(power_a, bool) or not isinstance(power_a, (int, float)) or not 0.0 < power_a < float("inf"):
+        raise ValueError(f"power_a must be a finite number > 0 (1.0: uniform gaps), got {power_a!r}")
+    P, T, V = num_kv_pairs, seq_len, vocab_size
+    n_keys = V // 2 - 1  # keys 1..V//2-1
+    if n_keys < P:
+        raise ValueError(
+            f"vocab_size={V} is too small for num_kv_pairs={P}: keys come from 1..{V // 2 - 1} "
+            f"({n_keys} ids) and must be distinct; need vocab_size >= {2 * P + 2}"
+        )
+    if T % 2:
+        raise ValueError(f"seq_len must be even (queries sit at even offsets, as Zoology), got {T}")
+    if T < 4 * P:
+        raise ValueError(
+            f"seq_len={T} is too short for num_kv_pairs={P}: the kv section takes 2P={2 * P} tokens and "
+            f"the P queries need P even offsets after it; need seq_len >= 4P = {4 * P}"
+        )
+
+
 def mqar(
     num_examples: int,
     *,
@@ -268,31 +297,9 @@ def mqar(
     Differences from Zoology's code (none changes the task's distribution): our random
     stream; no ``vocab_size > seq_len`` requirement (it plays no role in the task).
     """
-    if not _is_int(num_examples) or num_examples < 1:
-        raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
-    for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("num_kv_pairs", num_kv_pairs)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if split not in MQAR_SPLITS:
-        raise ValueError(f"split must be one of {MQAR_SPLITS}, got {split!r}")
-    if isinstance(power_a, bool) or not isinstance(power_a, (int, float)) or not 0.0 < power_a < float("inf"):
-        raise ValueError(f"power_a must be a finite number > 0 (1.0: uniform gaps), got {power_a!r}")
+    _check_mqar_args(num_examples, vocab_size, seq_len, num_kv_pairs, power_a, seed, split)
     P, T, V = num_kv_pairs, seq_len, vocab_size
     n_keys, n_values = V // 2 - 1, V - V // 2  # keys 1..V//2-1, values V//2..V-1
-    if n_keys < P:
-        raise ValueError(
-            f"vocab_size={V} is too small for num_kv_pairs={P}: keys come from 1..{V // 2 - 1} "
-            f"({n_keys} ids) and must be distinct; need vocab_size >= {2 * P + 2}"
-        )
-    if T % 2:
-        raise ValueError(f"seq_len must be even (queries sit at even offsets, as Zoology), got {T}")
-    if T < 4 * P:
-        raise ValueError(
-            f"seq_len={T} is too short for num_kv_pairs={P}: the kv section takes 2P={2 * P} tokens and "
-            f"the P queries need P even offsets after it; need seq_len >= 4P = {4 * P}"
-        )
     N, space = num_examples, (T - 2 * P) // 2
     gen = _split_generator(seed, split)
 

@@ -25,16 +25,19 @@ from common import OneLineParser
 
 # Each model's learning rate at the cpu preset, chosen by validation loss in the sweep
 # (assets/lr-sweep-cpu-wikitext2/lr_sweep.md); the tuned runs use these.
-TUNED_LR = {"transformer": "1e-2", "gam": "1e-1", "mamba": "3e-3"}
+TUNED_LR = {"transformer": "1e-2", "gam": "1e-1", "mamba": "3e-3",
+            "gam-global-only": "1e-1", "gam-sum-fusion": "1e-1", "gam-local-only": "1e-1"}
+ABLATIONS = ["gam-global-only", "gam-sum-fusion", "gam-local-only"]
 SWEEP_LRS = {"transformer": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
              "mamba": ["1e-3", "3e-3", "1e-2", "3e-2"],
              **{m: ["3e-2", "1e-1", "3e-1"] for m in ("gam-global-only", "gam-sum-fusion", "gam-local-only")}}
 # The recall preset's sweep (the rates each model was run at), each model's best by validation
 # loss in it, and the models that got seeds 2 and 3 at their best.
-RECALL_SWEEP = {"conv-attention": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["3e-3", "1e-2", "3e-2"],
-                "transformer": ["3e-3", "1e-2", "3e-2", "1e-1"]}
-RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-2", "transformer": "3e-2"}
-RECALL_SEEDS = ("conv-attention",)
+RECALL_SWEEP = {"conv-attention": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
+                "transformer": ["3e-3", "1e-2", "3e-2", "1e-1"], "mamba": ["1e-3", "3e-3"]}
+RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-1", "transformer": "3e-2"}
+RECALL_SEEDS = ("conv-attention",)         # seeds 2 and 3 in one command
+RECALL_SEED_RUNS = ("transformer", "gam")  # seeds 2 and 3 one command each
 RECALL = "python benchmark.py --preset recall --wandb disabled"
 CPU = "python benchmark.py --preset cpu --wandb disabled"
 WIKI = CPU + " --data-dir wikitext2={wikitext2}"
@@ -61,19 +64,22 @@ def recall_commands() -> tuple:
     sweep = [f"{RECALL} --models {m} --seeds 1 --lr {lr} --out-dir {{out}}/sweep/{m}-lr{lr}"
              for m, lrs in RECALL_SWEEP.items() for lr in lrs]
     seeds = [f"{RECALL} --models {m} --seeds 2 3 --lr {RECALL_LR[m]} --out-dir {{out}}/{m}-seeds23" for m in RECALL_SEEDS]
+    seeds += [f"{RECALL} --models {m} --seeds {s} --lr {RECALL_LR[m]} --out-dir {{out}}/{m}-lr{RECALL_LR[m]}-seed{s}"
+              for m in RECALL_SEED_RUNS for s in (2, 3)]
     best = " ".join(f"{{out}}/sweep/{m}-lr{lr}" + (f" {{out}}/{m}-seeds23" if m in RECALL_SEEDS else "")
+                    + "".join(f" {{out}}/{m}-lr{lr}-seed{s}" for s in (2, 3) if m in RECALL_SEED_RUNS)
                     for m, lr in RECALL_LR.items())
     return (*sweep, *seeds, f"python benchmark.py --report {best} --out-dir {{out}}/report",
             "python benchmark.py --report {out}/sweep/*/ --lr-sweep --out-dir {out}/sweep-report")
 
 
-def tuned_commands(models: list[str]) -> tuple:
+def tuned_commands(models: list[str], also: str = "") -> tuple:
     """Seeds 2 and 3 of each model at its tuned lr (seed 1 is the sweep's run at that lr), then
-    one report of the three seeds of every model."""
+    one report of the three seeds of every model (and of the finished runs ``also`` names)."""
     runs = [f"{WIKI} --models {m} --seeds {s} --lr {TUNED_LR[m]} --out-dir {{out}}/runs/{m}-lr{TUNED_LR[m]}-seed{s}"
             for m in models for s in (2, 3)]
     seed1 = " ".join(f"{{root}}/lr-sweep-cpu-wikitext2/runs/{m}-lr{TUNED_LR[m]}" for m in models)
-    return (*runs, f"python benchmark.py --report {seed1} {{out}}/runs/*/ --out-dir {{out}}/report")
+    return (*runs, f"python benchmark.py --report {seed1}{also} {{out}}/runs/*/ --out-dir {{out}}/report")
 
 
 EXPERIMENTS = [
@@ -82,6 +88,11 @@ EXPERIMENTS = [
     Experiment("table1-tuned", "table1-tuned-cpu-wikitext2", 120,
                "Table 1 shape, each model at its own lr (from lr-sweep, run it first), 3 seeds, paired differences",
                tuned_commands(["transformer", "gam", "mamba"])),
+    Experiment("table3-tuned", "table3-tuned-cpu-wikitext2", 90,
+               "Table 3: the three GAM variants at their own lr (from lr-sweep), 3 seeds, beside the full GAM of "
+               "table1-tuned (run it first)",
+               tuned_commands(ABLATIONS, also=" {root}/lr-sweep-cpu-wikitext2/runs/gam-lr1e-1"
+                                              " {root}/table1-tuned-cpu-wikitext2/runs/gam-lr1e-1-seed*")),
     Experiment("table1-shared-lr", "table1-cpu-wikitext2-3seeds", 45,
                "Table 1 shape at the preset's one lr (the paper's protocol): Transformer and GAM, 3 seeds",
                (f"{WIKI} --models transformer gam --seeds 1 2 3 --out-dir {{out}}",)),

@@ -1,6 +1,6 @@
 """The paper in one command on one GPU: Table 2, the CUDA checks, Table 1 and Table 3, in order.
 
-    python reproduce.py --data-dir data/wikitext-2-raw --out-dir runs/paper       # one CUDA GPU (README: ~10-15 min, H200)
+    python reproduce.py --data-dir data/wikitext-2-raw --out-dir runs/paper       # one CUDA GPU (README: 10-15 min)
     python reproduce.py --data-dir DIR --budget-minutes 20 --out-dir runs/paper   # stop cleanly at 20 minutes
     python reproduce.py --device cpu --tiny --out-dir runs/tiny                    # the same four steps, tiny, on CPU
 
@@ -281,8 +281,8 @@ def table2_note(run: Run, rec: dict) -> None:
     counts = collections.Counter(r["status"] for r in rows)
     rec["note"] = f"{len(rows)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items())
     if counts["skipped"] and not math.isinf(run.deadline):
-        rec.update(status="partial", cut_by_budget=True, note=rec["note"] + " (the time limit per point is the "
-                                                                           "budget's share)")
+        rec.update(status="partial", cut_by_budget=True,
+                   note=rec["note"] + " (skipped: over the time limit per point, the budget's share)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,8 +306,8 @@ def summary_markdown(run: Run, meta: dict) -> str:
     known = {r["key"]: r for r in run.steps}
     for step in STEPS:
         r = known.get(step.key, {"status": "pending", "seconds": None, "note": ""})
-        lines.append(f"| {step.title} | **{r['status']}** | {minutes(r['seconds'])} | [{step.key}/]({step.key}/) "
-                     f"| {r['note'] or '-'} |")
+        folder = f"[{step.key}/]({step.key}/)" if (run.out_dir / step.key).is_dir() else "-"
+        lines.append(f"| {step.title} | **{r['status']}** | {minutes(r['seconds'])} | {folder} | {r['note'] or '-'} |")
     for step in STEPS:  # each script's own table: ours, and the paper's beside it where it applies
         table = run.out_dir / step.key / step.table
         if table.is_file():
@@ -377,7 +377,10 @@ def check_args(args: argparse.Namespace) -> None:
         check_data_dir(args.data_dir)
     if args.budget_minutes is not None and math.isinf(args.budget_minutes):
         args.budget_minutes = None
-    args.out_dir = args.out_dir or str(Path("runs", "reproduce-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    # Absolute: the steps run in the repository root, whatever the caller's working directory.
+    default = Path("runs", "reproduce-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    args.out_dir = str(Path(args.out_dir or default).resolve())
+    args.data_dir = args.data_dir and str(Path(args.data_dir).resolve())
 
 
 def check_data_dir(data_dir: str | None) -> None:

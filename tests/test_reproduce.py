@@ -201,3 +201,41 @@ def test_every_check_is_skipped_without_cuda_and_a_failure_is_recorded_not_raise
     monkeypatch.setitem(cuda_checks.CHECKS, "boom", lambda device, size: 1 / 0)
     rec = cuda_checks.run_check("boom", "cuda", TINY)  # as if on a GPU: the check runs and raises
     assert rec["status"] == "fail" and "ZeroDivisionError" in rec["note"]
+
+
+@pytest.mark.parametrize("budget_s", [math.inf, 600.0])
+def test_the_paper_commands_parse_with_their_scripts_own_parsers(tmp_path, budget_s):
+    """The GPU commands cannot run here, but a misspelt flag or a bad value fails here, not on the GPU."""
+    import config
+    import scale
+
+    args = argparse_namespace(tmp_path, device="cuda", data_dir="/data/wt2", tiny=False)
+    run = reproduce.Run(args, tmp_path, time.monotonic() + budget_s)
+    for step in reproduce.STEPS:
+        argv, _ = step.command(run, tmp_path / step.key)
+        script, rest = argv[0], argv[1:]
+        assert rest[rest.index("--out-dir") + 1] == str(tmp_path / step.key) and "cuda" in rest
+        on_cpu = [("cpu" if a == "cuda" else a) for a in rest]  # their parsers refuse cuda without a GPU
+        if script == "benchmark.py":
+            parsed = config.build_parser().parse_args(rest)
+            assert parsed.data_dir == ["wikitext2=/data/wt2"] and parsed.wandb == "disabled"
+        elif script == "scale.py":
+            parsed = scale.parse_args(on_cpu)
+            assert parsed.models == list(scale.MODELS) and (parsed.max_seconds == 25) == (budget_s == 600)
+        else:
+            cuda_checks.parse_args(on_cpu)
+    assert reproduce.table1_command(run, tmp_path)[0][1:5] == ["--preset", "paper", "--datasets", "wikitext2"]
+
+
+def argparse_namespace(tmp_path, **settings):
+    """reproduce.py's parsed arguments with some set as check_args would leave them."""
+    args = reproduce.build_parser().parse_args(["--out-dir", str(tmp_path)])
+    vars(args).update(settings)
+    return args
+
+
+def test_relative_folders_are_resolved_since_the_steps_run_in_the_repository_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = reproduce.build_parser().parse_args(["--device", "cpu", "--tiny", "--out-dir", "rel"])
+    reproduce.check_args(args)
+    assert args.out_dir == str(tmp_path / "rel")

@@ -49,8 +49,8 @@ from typing import Callable
 import torch
 
 from baselines import BLOCK_NAMES
-from common import (REPO_DIR, OneLineParser, StopSignals, UsageError, atomic_write_json, atomic_write_text,
-                    claim_empty_folder, interrupt_exit_code, one_line, run_metadata)
+from common import (REPO_DIR, OneLineParser, StopSignals, Terminated, UsageError, atomic_write_json,
+                    atomic_write_text, claim_empty_folder, interrupt_exit_code, one_line, run_metadata)
 from config import GAM_VARIANTS
 
 WIKITEXT2_FILES = ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw")
@@ -424,7 +424,8 @@ def main(argv=None) -> int:
         except KeyboardInterrupt as e:
             signals.disarm()
             write_summary(run, meta)
-            print(f"reproduce.py: interrupted; what ran is in {run.out_dir / 'summary.md'}", file=sys.stderr)
+            what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+            print(f"reproduce.py: {what}; what ran is in {run.out_dir / 'summary.md'}", file=sys.stderr)
             return interrupt_exit_code(e)
         finally:
             lock.release()

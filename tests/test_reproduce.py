@@ -239,3 +239,27 @@ def test_relative_folders_are_resolved_since_the_steps_run_in_the_repository_roo
     args = reproduce.build_parser().parse_args(["--device", "cpu", "--tiny", "--out-dir", "rel"])
     reproduce.check_args(args)
     assert args.out_dir == str(tmp_path / "rel")
+
+
+def test_sigterm_to_reproduce_stops_its_step_and_writes_the_summary(tmp_path, monkeypatch):
+    """As the scripts: SIGTERM (a scheduler's stop) ends the step under way, then one line, exit 143."""
+    import signal
+    import threading
+
+    steps = [dataclasses.replace(reproduce.STEPS[0], command=fake_step(tmp_path)), *reproduce.STEPS[1:]]
+    monkeypatch.setattr(reproduce, "STEPS", steps)
+    children = []
+    real_popen = reproduce.subprocess.Popen
+    monkeypatch.setattr(reproduce.subprocess, "Popen", lambda *a, **k: children.append(real_popen(*a, **k)) or
+                        children[-1])
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code = reproduce.main(["--device", "cpu", "--tiny", "--out-dir", str(tmp_path / "run")])
+    finally:
+        timer.cancel()
+    steps_run = [c for c in children if c.args[0] == sys.executable]  # not run_metadata's git commands
+    assert code == 143 and len(steps_run) == 1 and steps_run[0].returncode == 143  # the step got SIGTERM too
+    steps = json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
+    assert [s["status"] for s in steps] == ["interrupted"]  # the later steps never started
+    assert "**interrupted**" in (tmp_path / "run" / "summary.md").read_text()

@@ -247,6 +247,20 @@ class FolderLock:
                 break
 
 
+def claim_empty_folder(folder: Path, what: str, program: str) -> FolderLock:
+    """The lock on a new or empty folder, taken before anything is written into it. A folder
+    that holds anything (another command's results, a user's files) is refused (UsageError),
+    so that nothing of anyone else's is replaced."""
+    lock = FolderLock(folder, what, program)
+    others = sorted(name for name in os.listdir(folder) if name != LOCK_NAME)
+    if others:
+        lock.release()
+        raise UsageError(f"{what} {folder} is not empty (it holds {', '.join(others[:3])}"
+                         f"{' ...' if len(others) > 3 else ''}); {program} writes into a new or empty folder "
+                         f"only: choose another {what}")
+    return lock
+
+
 # ---------------------------------------------------------------------------------------
 # Stop signals: SIGTERM (Slurm, Kubernetes, torchrun stopping a job) is handled as Ctrl-C.
 

@@ -42,8 +42,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-import datasets
-from datasets import DatasetDict
 from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import Whitespace
@@ -93,9 +91,9 @@ def load_text_splits(
     data_dir: str | os.PathLike | None = None,
     max_train_rows: int | None = 50_000,
     max_val_rows: int | None = 5_000,
-) -> DatasetDict:
-    """Return a DatasetDict with splits ``train``, ``validation`` (and ``test`` when
-    present), each with the single column ``text``.
+) -> dict[str, list[str]]:
+    """Return the splits ``train``, ``validation`` (and ``test`` when present), each a list of
+    its text rows.
 
     ``source`` is ``"wikitext2"``, ``"tinystories"`` or ``"synthetic"``. Without
     ``data_dir`` the first two come from the Hugging Face Hub; with ``data_dir`` the splits
@@ -109,8 +107,7 @@ def load_text_splits(
     if source == "synthetic":
         if data_dir is not None:
             raise DataError("the synthetic corpus is generated in code; drop --data-dir or pick another source")
-        splits = DatasetDict({name: datasets.Dataset.from_dict({"text": rows})
-                              for name, rows in synthetic_corpus().items()})
+        splits = {name: list(rows) for name, rows in synthetic_corpus().items()}
     elif data_dir is not None:
         splits = _load_local_splits(Path(data_dir), caps)
     else:
@@ -118,19 +115,13 @@ def load_text_splits(
     # Same capping as the reference code: the first `cap` rows (local readers already
     # stopped there; this is then a no-op).
     for name, cap in caps.items():
-        if cap is not None and len(splits[name]) > cap:
-            splits[name] = splits[name].select(range(min(cap, len(splits[name]))))
+        if cap is not None:
+            splits[name] = splits[name][:cap]
     for name in ("train", "validation"):
-        if len(splits[name]) == 0 or not any(t.strip() for t in _texts(splits[name])):
+        if not any(t.strip() for t in splits[name]):
             where = data_dir if data_dir is not None else source
             raise DataError(f"the {name} split of {where} is empty; provide a {name} file with text in it")
     return splits
-
-
-def _texts(ds: datasets.Dataset) -> list[str]:
-    # Slicing returns a plain list in one Arrow conversion; iterating ds["text"] goes row by
-    # row through a lazy Column and is ~500x slower on 100k rows.
-    return ds[:]["text"] if len(ds) else []
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,7 +129,7 @@ def _texts(ds: datasets.Dataset) -> list[str]:
 # ----------------------------------------------------------------------------------------
 
 def get_tokenizer(
-    splits: DatasetDict,
+    splits: dict[str, list[str]],
     *,
     vocab_size: int = 10_000,
     train_on: str | Sequence[str] = ("train",),
@@ -158,7 +149,7 @@ def get_tokenizer(
 
 
 def _get_tokenizer_and_path(
-    splits: DatasetDict,
+    splits: dict[str, list[str]],
     *,
     vocab_size: int,
     train_on: str | Sequence[str],
@@ -181,7 +172,7 @@ def _get_tokenizer_and_path(
 
     def batches() -> Iterator[list[str]]:
         for name in names:
-            texts = _texts(splits[name])
+            texts = splits[name]
             for i in range(0, len(texts), 1000):
                 yield texts[i:i + 1000]
 
@@ -193,7 +184,7 @@ def _get_tokenizer_and_path(
     return tok, path, names
 
 
-def _resolve_train_on(splits: DatasetDict, train_on: str | Sequence[str]) -> list[str]:
+def _resolve_train_on(splits: dict[str, list[str]], train_on: str | Sequence[str]) -> list[str]:
     if isinstance(train_on, str):
         names = list(splits) if train_on == "all" else [train_on]
     else:
@@ -210,7 +201,7 @@ def _resolve_train_on(splits: DatasetDict, train_on: str | Sequence[str]) -> lis
     return [n for n in splits if n in names]
 
 
-def tokenizer_cache_key(splits: DatasetDict, *, vocab_size: int, train_on: Sequence[str]) -> str:
+def tokenizer_cache_key(splits: dict[str, list[str]], *, vocab_size: int, train_on: Sequence[str]) -> str:
     """sha256 over the settings and the exact texts (with their row boundaries) of the
     splits used; never the dataset name, so edited files or other caps retrain."""
     h = hashlib.sha256()
@@ -225,7 +216,7 @@ def tokenizer_cache_key(splits: DatasetDict, *, vocab_size: int, train_on: Seque
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     for name in train_on:
-        texts = _texts(splits[name])
+        texts = splits[name]
         h.update(f"\0split:{name}:{len(texts)}\0".encode())
         for t in texts:
             b = t.encode("utf-8")
@@ -248,12 +239,12 @@ def _train_tokenizer(batches: Iterable[list[str]], n_rows: int, vocab_size: int,
 # ----------------------------------------------------------------------------------------
 
 def encode_splits(
-    splits: DatasetDict, tokenizer: Tokenizer, names: Sequence[str] | None = None
+    splits: dict[str, list[str]], tokenizer: Tokenizer, names: Sequence[str] | None = None
 ) -> dict[str, list[list[int]]]:
     """Token ids per row (no special tokens added, like the reference code)."""
     out = {}
     for name in (names if names is not None else list(splits)):
-        texts = _texts(splits[name])
+        texts = splits[name]
         ids: list[list[int]] = []
         for i in range(0, len(texts), 10_000):  # bounded memory for the Encoding objects
             ids.extend(e.ids for e in tokenizer.encode_batch(texts[i:i + 10_000]))
@@ -497,9 +488,14 @@ def build_mqar_loaders(*, vocab_size: int, block_size: int, num_kv_pairs: int, n
 # Sources: the Hugging Face Hub
 # ========================================================================================
 
-def _load_hub_splits(source: str) -> DatasetDict:
+def _load_hub_splits(source: str) -> dict[str, list[str]]:
     path, config = HUB_SOURCES[source]
     hint = "pass --data-dir DIR with local files (see README) or use --preset smoke"
+    try:
+        import datasets  # here: only the Hub needs it (local files and the generated sets do not)
+    except ImportError:
+        raise DataError(f"downloading {path} from the Hugging Face Hub needs the datasets package "
+                        f"(pip install datasets); or {hint}") from None
     # load_dataset retries a dead connection for ~25 s before giving up; one quick request
     # tells us first. In offline mode load_dataset reads its cache and never connects.
     if not _hub_offline() and not _hub_reachable():
@@ -517,16 +513,15 @@ def _load_hub_splits(source: str) -> DatasetDict:
     missing = [s for s in ("train", "validation") if s not in dsd]
     if missing:
         raise DataError(f"{path} on the Hub has no {' or '.join(missing)} split; {hint}")
-    out = DatasetDict()
-    for name in ("train", "validation", "test"):
-        if name in dsd:
-            ds = dsd[name]
-            extra = [c for c in ds.column_names if c != "text"]
-            out[name] = ds.remove_columns(extra) if extra else ds
-    return out
+    # Slicing gives the column as a list in one Arrow conversion; iterating ds["text"] goes row
+    # by row through a lazy Column and is ~500x slower on 100k rows.
+    return {name: (dsd[name][:]["text"] if len(dsd[name]) else []) for name in ("train", "validation", "test")
+            if name in dsd}
 
 
 def _hub_offline() -> bool:
+    import datasets
+
     return bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
 
 
@@ -564,17 +559,13 @@ _SPLIT_WORDS = {
 }
 
 
-def _load_local_splits(data_dir: Path, caps: dict[str, int | None]) -> DatasetDict:
-    # Our own readers + Dataset.from_dict rather than load_dataset("text"): that loader cannot
-    # reproduce the Hub's wikitext rows (it keeps " \n" where the Hub has ""), cannot split
-    # on <|endoftext|>, and writes an Arrow copy of every file into the HF cache.
+def _load_local_splits(data_dir: Path, caps: dict[str, int | None]) -> dict[str, list[str]]:
+    # Our own readers rather than datasets' load_dataset("text"): that loader cannot reproduce
+    # the Hub's wikitext rows (it keeps " \n" where the Hub has ""), cannot split on
+    # <|endoftext|>, and writes an Arrow copy of every file into the HF cache.
     files = _find_split_files(data_dir)
-    out = DatasetDict()
-    for name in ("train", "validation", "test"):
-        if name in files:
-            rows = _read_rows(files[name], caps.get(name))
-            out[name] = datasets.Dataset.from_dict({"text": rows})
-    return out
+    return {name: _read_rows(files[name], caps.get(name)) for name in ("train", "validation", "test")
+            if name in files}
 
 
 def _find_split_files(data_dir: Path) -> dict[str, Path]:

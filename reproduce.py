@@ -54,8 +54,8 @@ from common import (REPO_DIR, OneLineParser, StopSignals, Terminated, UsageError
 from config import GAM_VARIANTS
 
 WIKITEXT2_FILES = ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw")
-# What benchmark.py needs beyond torch, imported before anything runs (data.py imports datasets
-# and tokenizers at its top, even for --data-dir; exports need safetensors; tables matplotlib).
+# What benchmark.py needs beyond torch, imported before anything runs (data.py imports
+# tokenizers; exports need safetensors; tables matplotlib). Not datasets: only the Hub needs it.
 NEEDED_MODULES = ("data", "safetensors", "matplotlib")
 SCALE_POINTS = len(BLOCK_NAMES) * 6  # scale.py's default sweep: four blocks x 256..8192
 # Tiny: two of the blocks (each CPU point is a fresh process), one length.

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from baselines import BLOCK_NAMES, build_block, build_lm
 from gam_model import ModelConfig
-from common import (DTYPES, LOCK_NAME, MIB, FolderLock, OneLineParser, StopSignals, Terminated, UsageError,
+from common import (DTYPES, MIB, OneLineParser, StopSignals, Terminated, UsageError, claim_empty_folder,
                     interrupt_exit_code, atomic_write_text, autocast_context, free_memory, int_at_least, is_oom,
                     run_metadata, sync)
 from report import PAPER_TABLE2, new_figure, save_figure
@@ -671,19 +671,6 @@ def plot(rows, args, key, ylabel, filename, paper_index) -> None:
     save_figure(fig, os.path.join(args.out_dir, filename), dpi=120, bbox_inches="tight")
 
 
-def claim_out_dir(out_dir: str) -> FolderLock:
-    """The lock on a new or empty --out-dir, taken before anything is written: a second sweep
-    into it, or one into an earlier sweep's or a user's files, would replace them."""
-    lock = FolderLock(Path(out_dir), "--out-dir", "scale.py")
-    others = sorted(name for name in os.listdir(out_dir) if name != LOCK_NAME)
-    if others:
-        lock.release()
-        raise UsageError(f"--out-dir {out_dir} is not empty (it holds {', '.join(others[:3])}"
-                         f"{' ...' if len(others) > 3 else ''}); a sweep writes into a new or empty folder only: "
-                         "choose another --out-dir")
-    return lock
-
-
 def write_outputs(rows, args) -> str:
     write_results(rows, args)
     table = markdown_table(rows, args)
@@ -697,7 +684,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with StopSignals().installed() as stop:  # SIGTERM (a scheduler's stop), like Ctrl-C: the line, then exit
         try:
-            lock = claim_out_dir(args.out_dir)
+            lock = claim_empty_folder(Path(args.out_dir), "--out-dir", "scale.py")
         except (OSError, UsageError) as e:  # e.g. an unwritable --out-dir: one line and exit 2, as a bad argument
             print(f"scale.py: error: {e}", file=sys.stderr)
             return 2

@@ -16,7 +16,6 @@ import datasets
 import pytest
 import torch
 from conftest import REPO, shared_data_dir
-from datasets import Dataset, DatasetDict
 
 import data
 import synthetic
@@ -36,7 +35,7 @@ def _no_network(monkeypatch):
 
 
 def _dd(**splits):
-    return DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in splits.items()})
+    return {k: list(v) for k, v in splits.items()}
 
 
 SHARED = shared_data_dir()
@@ -94,14 +93,14 @@ def test_synthetic_corpus_has_long_range_recalls():
 def test_synthetic_source_default_sizes():
     splits = data.load_text_splits("synthetic")
     assert set(splits) == {"train", "validation"}
-    assert splits["train"].column_names == ["text"]
-    n_train = sum(len(t.split()) for t in splits["train"]["text"])
-    n_val = sum(len(t.split()) for t in splits["validation"]["text"])
+    assert all(isinstance(t, str) for t in splits["train"])
+    n_train = sum(len(t.split()) for t in splits["train"])
+    n_val = sum(len(t.split()) for t in splits["validation"])
     assert 60_000 <= n_train <= 150_000
     assert 20 * 257 <= n_val <= 40 * 257
     capped = data.load_text_splits("synthetic", max_train_rows=10, max_val_rows=3)
     assert (len(capped["train"]), len(capped["validation"])) == (10, 3)
-    assert capped["train"]["text"] == splits["train"]["text"][:10]
+    assert capped["train"] == splits["train"][:10]
     with pytest.raises(DataError):
         data.load_text_splits("synthetic", data_dir="/nonexistent")
     with pytest.raises(DataError, match="unknown data source"):
@@ -148,7 +147,7 @@ def test_tokenizer_cache_key_and_reuse(tmp_path, monkeypatch):
     base = _tok_splits()
     key = lambda s, v=300, on=("train",): data.tokenizer_cache_key(s, vocab_size=v, train_on=on)  # noqa: E731
     k0 = key(base)
-    assert key(_tok_splits()) == k0  # same content, new Dataset objects -> same key
+    assert key(_tok_splits()) == k0  # same content, new list objects -> same key
     assert key(base, v=301) != k0
     assert key(base, on=("train", "validation")) != k0
     assert key(_tok_splits(train=TRAIN_TEXT + ["one more row"])) != k0
@@ -224,11 +223,11 @@ def test_local_wikitext_raw_rows_are_lines(tmp_path):
     (tmp_path / "wiki.test.raw").write_text(" t \n", encoding="utf-8")
     s = data.load_text_splits("wikitext2", data_dir=tmp_path)
     # like the Hub builder: the line with its "\n"; whitespace-only lines become ""
-    assert s["train"]["text"] == ["", " = Title = \n", "", " Some text , here . \n", "", " last line \n"]
-    assert s["validation"]["text"] == [" = V = \n", " v text \n"]
-    assert s["test"]["text"] == [" t \n"]
+    assert s["train"] == ["", " = Title = \n", "", " Some text , here . \n", "", " last line \n"]
+    assert s["validation"] == [" = V = \n", " v text \n"]
+    assert s["test"] == [" t \n"]
     capped = data.load_text_splits("wikitext2", data_dir=str(tmp_path), max_train_rows=2, max_val_rows=1)
-    assert capped["train"]["text"] == ["", " = Title = \n"]
+    assert capped["train"] == ["", " = Title = \n"]
     assert len(capped["validation"]) == 1 and len(capped["test"]) == 1  # test is never capped
 
 
@@ -238,10 +237,10 @@ def test_local_txt_stories_and_bom(tmp_path):
     (tmp_path / "train_subset.txt").write_bytes(stories.encode("utf-8"))
     (tmp_path / "valid_subset.txt").write_bytes(b"\xef\xbb\xbfSpot saw a car.\n<|endoftext|>\nBye.\n<|endoftext|>\n")
     s = data.load_text_splits("tinystories", data_dir=tmp_path)
-    assert s["train"]["text"] == ["Once there was a cat.\nIt sat.", "A dog ran.", "The end.", "Tail story"]
-    assert s["validation"]["text"] == ["Spot saw a car.", "Bye."]  # BOM stripped
+    assert s["train"] == ["Once there was a cat.\nIt sat.", "A dog ran.", "The end.", "Tail story"]
+    assert s["validation"] == ["Spot saw a car.", "Bye."]  # BOM stripped
     assert "test" not in s
-    assert data.load_text_splits("tinystories", data_dir=tmp_path, max_train_rows=2)["train"]["text"] == [
+    assert data.load_text_splits("tinystories", data_dir=tmp_path, max_train_rows=2)["train"] == [
         "Once there was a cat.\nIt sat.", "A dog ran."]
 
 
@@ -250,15 +249,15 @@ def test_local_jsonl_text_field_per_line(tmp_path):
                                           encoding="utf-8")
     (tmp_path / "validation.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "v1"}\n{"text": "v2"}')  # BOM, no final \n
     s = data.load_text_splits("wikitext2", data_dir=tmp_path)
-    assert s["train"]["text"] == ["first row", " second \n"]  # the field verbatim; blank lines skipped
-    assert s["validation"]["text"] == ["v1", "v2"]
+    assert s["train"] == ["first row", " second \n"]  # the field verbatim; blank lines skipped
+    assert s["validation"] == ["v1", "v2"]
 
 
 def test_local_jsonl_cap_stops_reading(tmp_path):
     # Catches: a reader that parses the whole file before capping (slow on a large file).
     (tmp_path / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\nnot json at all\n', encoding="utf-8")
     (tmp_path / "valid.jsonl").write_text('{"text": "v"}\n', encoding="utf-8")
-    assert data.load_text_splits("wikitext2", data_dir=tmp_path, max_train_rows=2)["train"]["text"] == ["a", "b"]
+    assert data.load_text_splits("wikitext2", data_dir=tmp_path, max_train_rows=2)["train"] == ["a", "b"]
     with pytest.raises(DataError, match="line 3 is not valid JSON"):
         data.load_text_splits("wikitext2", data_dir=tmp_path, max_train_rows=3)
 
@@ -311,14 +310,14 @@ def test_unaccepted_format_beside_an_accepted_file_is_ignored(tmp_path):
     (tmp_path / "valid.parquet").write_bytes(b"PAR1")
     (tmp_path / "README.md").write_text("no split word: never a candidate\n", encoding="utf-8")
     s = data.load_text_splits("wikitext2", data_dir=tmp_path)
-    assert s["train"]["text"] == [" a \n"] and s["validation"]["text"] == [" v \n"]
+    assert s["train"] == [" a \n"] and s["validation"] == [" v \n"]
 
 
 def test_local_plain_txt_without_marker_is_one_row_per_line(tmp_path):
     (tmp_path / "train.txt").write_text("\ufeffline one\nline two\n", encoding="utf-8")
     (tmp_path / "valid.txt").write_text("v\n", encoding="utf-8")
     s = data.load_text_splits("wikitext2", data_dir=tmp_path)
-    assert s["train"]["text"] == ["line one\n", "line two\n"]
+    assert s["train"] == ["line one\n", "line two\n"]
 
 
 def test_local_files_errors(tmp_path):
@@ -351,18 +350,18 @@ def test_local_files_errors(tmp_path):
 def test_shared_wikitext2_matches_hub_row_counts():
     s = data.load_text_splits("wikitext2", data_dir=SHARED / "wikitext-2-raw")
     assert {k: len(v) for k, v in s.items()} == {"train": 36_718, "validation": 3_760, "test": 4_358}
-    assert s["train"][0]["text"] == ""
-    assert s["train"][1]["text"] == " = Valkyria Chronicles III = \n"
-    assert s["validation"][1]["text"] == " = Homarus gammarus = \n"
+    assert s["train"][0] == ""
+    assert s["train"][1] == " = Valkyria Chronicles III = \n"
+    assert s["validation"][1] == " = Homarus gammarus = \n"
 
 
 @pytest.mark.skipif(SHARED is None or not (SHARED / "tinystories").is_dir(), reason="shared TinyStories files absent")
 def test_shared_tinystories_subsets():
     s = data.load_text_splits("tinystories", data_dir=SHARED / "tinystories")
     assert {k: len(v) for k, v in s.items()} == {"train": 2_316, "validation": 1_840}
-    assert s["train"][0]["text"].startswith("One day, a little girl named Lily found a needle")
-    assert s["validation"][0]["text"].startswith("Spot. Spot saw the shiny car")
-    assert not any("<|endoftext|>" in t for t in s["train"]["text"][:50])
+    assert s["train"][0].startswith("One day, a little girl named Lily found a needle")
+    assert s["validation"][0].startswith("Spot. Spot saw the shiny car")
+    assert not any("<|endoftext|>" in t for t in s["train"][:50])
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,6 +394,17 @@ def test_hub_connection_error_becomes_data_error(monkeypatch):
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1")]
     msg = str(e.value)
     assert "--data-dir" in msg and "Salesforce/wikitext" in msg and "\n" not in msg
+
+
+def test_local_files_need_no_datasets_package(tmp_path, monkeypatch):
+    # A GPU image without datasets runs everything from --data-dir: only the Hub imports it.
+    for name in ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"):
+        (tmp_path / name).write_text(" = T = \n some text \n", encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    splits = data.load_text_splits("wikitext2", data_dir=tmp_path)
+    assert splits == {name: [" = T = \n", " some text \n"] for name in ("train", "validation", "test")}
+    with pytest.raises(data.DataError, match=r"needs the datasets package \(pip install datasets\); or pass --data-dir"):
+        data.load_text_splits("wikitext2")  # the Hub path does need it
 
 
 def test_real_offline_mode_gives_data_error(tmp_path):

@@ -28,11 +28,13 @@ def blocker_dir(tmp_path, *modules):
     return tmp_path / "blocked"
 
 
-def test_tiny_run_on_cpu_end_to_end_without_wandb_or_mamba_ssm(tmp_path):
+def test_tiny_run_on_cpu_end_to_end_without_wandb_mamba_ssm_or_datasets(tmp_path):
     """The four steps through the real scripts, each in its own folder with its own files; the
-    CUDA checks recorded as skipped; no step needs wandb or mamba_ssm (their imports fail here)."""
+    CUDA checks recorded as skipped; no step needs wandb, mamba_ssm or datasets (their imports
+    fail here)."""
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(blocker_dir(tmp_path, "wandb", "mamba_ssm"))}
+    blocked = blocker_dir(tmp_path, "wandb", "mamba_ssm", "datasets")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(blocked)}
     proc = subprocess.run([sys.executable, "reproduce.py", "--device", "cpu", "--tiny", "--out-dir", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -128,7 +128,9 @@ EXPERIMENTS = [
     Experiment("speed-recall", "speed-recall-cpu", 3, "recall preset step time of its four models (the preset's cost)",
                (f"{RECALL} --speed-steps 10 --out-dir {{out}}",)),
     Experiment("perf-mamba", "perf-mamba-cpu", 10, "Mamba scans (chunked vs mambapy) and a Mamba vs GAM training step",
-               ("python perf.py --checks mamba-layer mamba-step --mamba-batch 8 --threads 1 --out-dir {out}",)),
+               ("python perf.py --checks mamba-layer mamba-step --mamba-batch 8 --threads 1 --out-dir {out}",
+                "python perf.py --checks mamba-step --mamba-batch 32 --mamba-scans chunked --mamba-reps 3 --threads 1 "
+                "--out-dir {out}/batch32")),
     Experiment("compile", "compile-cpu", 5, "cpu preset step time, eager and torch.compile",
                (f"{CPU} --models gam transformer --speed-steps 10 --compile --out-dir {{out}}/compiled",
                 f"{CPU} --models gam transformer --speed-steps 10 --out-dir {{out}}/eager")),

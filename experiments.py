@@ -34,10 +34,10 @@ SWEEP_LRS = {"transformer": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3
 # The recall preset's sweep (the rates each model was run at), each model's best by validation
 # loss in it, and the models that got seeds 2 and 3 at their best.
 RECALL_SWEEP = {"conv-attention": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
-                "transformer": ["3e-3", "1e-2", "3e-2", "1e-1"], "mamba": ["1e-3", "3e-3"]}
-RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-1", "transformer": "3e-2"}
+                "transformer": ["3e-3", "1e-2", "3e-2", "1e-1"], "mamba": ["1e-3", "3e-3", "1e-2", "3e-2"]}
+RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-1", "transformer": "3e-2", "mamba": "1e-2"}
 RECALL_SEEDS = ("conv-attention",)         # seeds 2 and 3 in one command
-RECALL_SEED_RUNS = ("transformer", "gam")  # seeds 2 and 3 one command each
+RECALL_SEED_RUNS = ("transformer", "gam", "mamba")  # seeds 2 and 3 one command each
 RECALL = "python benchmark.py --preset recall --wandb disabled"
 CPU = "python benchmark.py --preset cpu --wandb disabled"
 WIKI = CPU + " --data-dir wikitext2={wikitext2}"

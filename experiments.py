@@ -147,7 +147,7 @@ BY_NAME = {e.name: e for e in EXPERIMENTS}
 # Folders under assets/ that no command re-makes: explorations kept as they were written, and
 # runs of an older recall preset (their RUN.md gives the command and commit).
 NOT_RERUN = {"recall-explore", "recall-cpu", "recall-cpu-preset", "recall-cpu-preset-2threads",
-             "benchmark-cpu-wikitext2", "table1-cpu-wikitext2-all"}
+             "table1-cpu-wikitext2-all"}
 
 
 def expand(command: str, out: Path, data_dirs: dict) -> list[str]:

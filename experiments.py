@@ -38,6 +38,10 @@ RECALL_SWEEP = {"conv-attention": ["1e-3", "3e-3", "1e-2", "3e-2"], "gam": ["1e-
 RECALL_LR = {"conv-attention": "1e-2", "gam": "1e-1", "transformer": "3e-2", "mamba": "1e-2"}
 RECALL_SEEDS = ("conv-attention",)         # seeds 2 and 3 in one command
 RECALL_SEED_RUNS = ("transformer", "gam", "mamba")  # seeds 2 and 3 one command each
+# TinyStories (Transformer and GAM): a sweep at seed 1 bracketing each model's WikiText-2 rate, and
+# each model's best by validation loss in it (TinyStories has no test split: validation picks and scores).
+TINY_SWEEP = {"gam": ["3e-2", "1e-1", "3e-1", "1e0"], "transformer": ["3e-3", "1e-2", "3e-2"]}
+TINY_LR = {"gam": "3e-1", "transformer": "1e-2"}
 RECALL = "python benchmark.py --preset recall --wandb disabled"
 CPU = "python benchmark.py --preset cpu --wandb disabled"
 WIKI = CPU + " --data-dir wikitext2={wikitext2}"
@@ -73,6 +77,18 @@ def recall_commands() -> tuple:
             "python benchmark.py --report {out}/sweep/*/ --lr-sweep --out-dir {out}/sweep-report")
 
 
+def tinystories_commands() -> tuple:
+    """TinyStories per model: the sweep at seed 1, seeds 2 and 3 at each model's best, the reports."""
+    tiny = f"{CPU} --datasets tinystories --data-dir tinystories={{tinystories}}"
+    sweep = [f"{tiny} --models {m} --seeds 1 --lr {lr} --out-dir {{out}}/runs/{m}-lr{lr}-seed1"
+             for m, lrs in TINY_SWEEP.items() for lr in lrs]
+    seeds = [f"{tiny} --models {m} --seeds {s} --lr {lr} --out-dir {{out}}/runs/{m}-lr{lr}-seed{s}"
+             for m, lr in TINY_LR.items() for s in (2, 3)]
+    best = " ".join(f"{{out}}/runs/{m}-lr{lr}-seed{s}" for m, lr in TINY_LR.items() for s in (1, 2, 3))
+    return (*sweep, *seeds, f"python benchmark.py --report {best} --out-dir {{out}}/report",
+            "python benchmark.py --report {out}/runs/*-seed1/ --lr-sweep --out-dir {out}/sweep-report")
+
+
 def tuned_commands(models: list[str], also: str = "") -> tuple:
     """Seeds 2 and 3 of each model at its tuned lr (seed 1 is the sweep's run at that lr), then
     one report of the three seeds of every model (and of the finished runs ``also`` names)."""
@@ -105,6 +121,9 @@ EXPERIMENTS = [
                "TinyStories, Transformer and GAM at the preset's one lr, 3 seeds",
                (f"{CPU} --datasets tinystories --data-dir tinystories={{tinystories}} --models transformer gam "
                 "--seeds 1 2 3 --out-dir {out}",)),
+    Experiment("tinystories-tuned", "tinystories-tuned-cpu", 60,
+               "TinyStories, Transformer and GAM each at its own lr: a sweep at seed 1, then 3 seeds at the best",
+               tinystories_commands()),
     Experiment("long", "long-cpu-wikitext2", 60, "Transformer and GAM over 3 full epochs",
                (f"{WIKI} --models transformer --max-train-blocks 1000000 --epochs 3 --out-dir {{out}}/transformer",
                 f"{WIKI} --models gam --max-train-blocks 1000000 --epochs 3 --out-dir {{out}}/gam",

@@ -113,8 +113,6 @@ class TrainConfig(make_dataclass("HParams", [(k, object, v) for k, v in {**PAPER
 
 # What a run records beside the hyperparameters; config.json also holds "data_fingerprint".
 RUN_KEYS = [f.name for f in fields(TrainConfig) if f.name not in {**PAPER_HPARAMS, **MQAR_HPARAMS}]
-# What a config.json written before these keys existed meant: fp32, eager, one process.
-OLDER_CONFIG_DEFAULTS = {"dtype": "fp32", "compile": False, "world_size": 1}
 # Flags that may change on --resume: none of them changes the numbers.
 RESUME_FLAGS = {"resume", "device", "wandb", "wandb_project", "num_workers", "cache_dir", "dist_timeout"}
 MAX_VOCAB = 2**20
@@ -288,7 +286,6 @@ def saved_config(run_dir: Path, args: argparse.Namespace, explicit: set[str]) ->
         cfg = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(cfg, dict):
             raise UsageError(f"it holds a JSON {type(cfg).__name__}, not a run config")
-        cfg = {**OLDER_CONFIG_DEFAULTS, **cfg}
         validate_config(cfg, saved=True)
     except (OSError, ValueError, TypeError, UsageError) as e:  # JSON and decoding errors are ValueErrors
         why = str(e) if isinstance(e, UsageError) else one_line(e)

@@ -16,7 +16,7 @@ import distributed
 from baselines import MODEL_NAMES
 from gam_model import ModelConfig
 from common import atomic_save_figure, atomic_write_json, atomic_write_text, device_description, one_line
-from config import GAM_VARIANTS, OLDER_CONFIG_DEFAULTS, TrainConfig, UsageError, flag
+from config import GAM_VARIANTS, TrainConfig, UsageError, flag
 
 # ---------------------------------------------------------------------------------------
 # The paper's numbers (arXiv:2509.00605), printed beside ours; never copied into our results.
@@ -501,15 +501,18 @@ def combined_records(run_dirs: list[Path], free: set = REPORT_FREE_KEYS) -> list
     return records
 
 
+NOT_RECORDED = "not recorded"
+
+
 def check_same_settings(ref: tuple, new: tuple, free: set) -> None:
     """Two (run folder, record) pairs whose configs agree outside ``free``, or a UsageError."""
     (ref_dir, ref_record), (run_dir, record) = ref, new
-    a, b = ({**OLDER_CONFIG_DEFAULTS, **x["config"]} for x in (ref_record, record))
-    for k in sorted((set(a) & set(b)) - free):
-        if a[k] != b[k]:
+    a, b = ref_record["config"], record["config"]
+    for k in sorted((set(a) | set(b)) - free):  # a setting one record lacks differs too: its value is unknown
+        if a.get(k, NOT_RECORDED) != b.get(k, NOT_RECORDED):
             who = record["dataset"] if ref_record["model"] != record["model"] else f"{record['dataset']}/{record['model']}"
-            raise UsageError(f"--report: {who} runs differ in {k} ({ref_dir}: {a[k]}, {run_dir}: {b[k]}); "
-                             "report them separately")
+            raise UsageError(f"--report: {who} runs differ in {k} ({ref_dir}: {a.get(k, NOT_RECORDED)}, "
+                             f"{run_dir}: {b.get(k, NOT_RECORDED)}); report them separately")
 
 
 def run_records(run_dir: Path) -> list[dict]:

@@ -49,7 +49,7 @@ WANDB_INIT_TIMEOUT_S = 60.0
 
 
 @dataclass
-class Where:
+class RunState:
     """Where the run is, for the line printed on Ctrl-C or a failure, and the folder it holds."""
     stage: str = "start-up"
     resume_command: str | None = None  # set once the run folder can be resumed
@@ -78,7 +78,7 @@ def check_folders(cfg: TrainConfig, args: argparse.Namespace) -> None:
     check_writable(cache_dir(args), "--cache-dir")
 
 
-def claim_folder(cfg: TrainConfig, args: argparse.Namespace, where: Where) -> None:
+def claim_folder(cfg: TrainConfig, args: argparse.Namespace, state: RunState) -> None:
     """Rank 0 locks --out-dir for the life of the command, then checks it under the lock (so
     no other command can change it in between): a fresh command needs a new or empty folder,
     --resume a run whose exports and temporary files are in order. Every rank raises the
@@ -86,7 +86,7 @@ def claim_folder(cfg: TrainConfig, args: argparse.Namespace, where: Where) -> No
     error = None
     if distributed.is_main():
         try:
-            where.lock = FolderLock(Path(cfg.out_dir), "--resume" if args.resume else "--out-dir", "benchmark.py")
+            state.lock = FolderLock(Path(cfg.out_dir), "--resume" if args.resume else "--out-dir", "benchmark.py")
             if args.resume:
                 check_exports(cfg)
                 remove_stale_temporaries(Path(cfg.out_dir) / "checkpoints")
@@ -181,6 +181,12 @@ def planned_runs(cfg: TrainConfig) -> list[tuple[str, int, str]]:
     return [(d, seed, m) for d, models in cfg.runs.items() for seed in cfg.seeds for m in models]
 
 
+def in_plan_order(cfg: TrainConfig, published: dict) -> list[dict]:
+    """The records of ``published`` ((dataset, model, seed) -> record) that the run plans, in its order."""
+    keys = [(d, m, s) for d, s, m in planned_runs(cfg)]
+    return [published[k] for k in keys if k in published]
+
+
 def run_name(cfg: TrainConfig, dataset: str, model_name: str) -> str:
     """<dataset>-<model>, plus -seed<S> when the run has several seeds."""
     return f"{dataset}-{model_name}" + (f"-seed{cfg.seed}" if len(cfg.seeds) > 1 else "")
@@ -190,13 +196,13 @@ def checkpoint_path(cfg: TrainConfig, dataset: str, model_name: str) -> Path:
     return Path(cfg.out_dir) / "checkpoints" / f"{run_name(cfg, dataset, model_name)}.pt"
 
 
-def start_run(cfg: TrainConfig, data: dict, args: argparse.Namespace, explicit: set[str], where: Where) -> None:
+def start_run(cfg: TrainConfig, data: dict, args: argparse.Namespace, explicit: set[str], state: RunState) -> None:
     """A fresh run writes its config.json (with the data's fingerprints) now, and only now."""
     distributed.barrier()  # under torchrun: every process has checked the folders before one is written
     if not args.resume and distributed.is_main():
         fingerprints = {dataset: prepared.fingerprint for dataset, prepared in data.items()}
         atomic_write_json(Path(cfg.out_dir) / "config.json", {**cfg.to_json(), "data_fingerprint": fingerprints})
-    where.resume_command = resume_command(cfg, args, explicit)
+    state.resume_command = resume_command(cfg, args, explicit)
 
 
 def resume_command(cfg: TrainConfig, args: argparse.Namespace, explicit: set[str]) -> str:
@@ -286,7 +292,7 @@ def sample_continuations(model, blocks: torch.Tensor, tokenizer, seed: int) -> d
 # Checkpoints: every epoch end, atomically; read back as tensors and plain containers only.
 
 
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "epochs"}
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "epochs", "run_config"}
 
 
 EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_ppl", "epoch_time_s", "tokens_per_s"}
@@ -304,25 +310,25 @@ def run_config(cfg: TrainConfig, dataset: str, model_name: str, fingerprint: dic
             "model": model_name, "data": fingerprint}
 
 
-def save_checkpoint(t, train_loader, path: Path) -> None:
+def save_checkpoint(training, train_loader, path: Path) -> None:
     if not distributed.is_main():
         return
-    atomic_torch_save({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-                       "scheduler": t.scheduler.state_dict(), "rng": rng_state(train_loader),
-                       "epochs": t.epochs, "run_config": t.run_config}, path)
+    atomic_torch_save({"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+                       "scheduler": training.scheduler.state_dict(), "rng": rng_state(train_loader),
+                       "epochs": training.epochs, "run_config": training.run_config}, path)
 
 
-def load_checkpoint(t, train_loader, path: Path, device: torch.device, max_epochs: int) -> None:
+def load_checkpoint(training, train_loader, path: Path, device: torch.device, max_epochs: int) -> None:
     ckpt = read_checkpoint(path, device, max_epochs)
-    check_same_run(path, ckpt.get("run_config"), t.run_config)
+    check_same_run(path, ckpt["run_config"], training.run_config)
     try:
-        t.model.load_state_dict(ckpt["model"])
-        t.optimizer.load_state_dict(ckpt["optimizer"])
-        t.scheduler.load_state_dict(ckpt["scheduler"])
+        training.model.load_state_dict(ckpt["model"])
+        training.optimizer.load_state_dict(ckpt["optimizer"])
+        training.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"], train_loader)
     except Exception as e:
         raise UsageError(unusable_checkpoint(path, one_line(e), "does not fit this run")) from None
-    t.epochs[:] = ckpt["epochs"]
+    training.epochs[:] = ckpt["epochs"]
 
 
 def read_checkpoint(path: Path, device: torch.device, max_epochs: int) -> dict:
@@ -336,7 +342,7 @@ def read_checkpoint(path: Path, device: torch.device, max_epochs: int) -> dict:
         raise UsageError(unusable_checkpoint(path, why)) from None
     except Exception as e:  # empty, truncated or garbage files raise many kinds of errors
         raise UsageError(unusable_checkpoint(path, one_line(e) or type(e).__name__)) from None
-    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt) and isinstance(ckpt.get("run_config", {}), dict)):
+    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt) and isinstance(ckpt["run_config"], dict)):
         raise UsageError(unusable_checkpoint(path, "not a benchmark.py checkpoint"))
     epochs = ckpt["epochs"]
     if not (isinstance(epochs, list) and len(epochs) <= max_epochs
@@ -345,9 +351,9 @@ def read_checkpoint(path: Path, device: torch.device, max_epochs: int) -> dict:
     return ckpt
 
 
-def check_same_run(path: Path, saved: dict | None, expected: dict) -> None:
-    """A checkpoint written before run configs were stored (saved is None) cannot be checked."""
-    if saved is None or saved == expected:
+def check_same_run(path: Path, saved: dict, expected: dict) -> None:
+    """A checkpoint resumes only the run it was written by (the settings and data of runs.run_config)."""
+    if saved == expected:
         return
     keys = sorted(set(saved) | set(expected), key=lambda k: (k == "data", k))
     differ = [k for k in keys if saved.get(k) != expected.get(k)]
@@ -382,32 +388,32 @@ def set_rng_state(state: dict, train_loader) -> None:
 # Failures: one line each.
 
 
-def saved_epochs(where: Where) -> str:
+def saved_epochs(state: RunState) -> str:
     """What a resume keeps. An epoch whose checkpoint was being written is lost: say so."""
-    if where.unsaved is None:
+    if state.unsaved is None:
         return "every finished epoch is saved"
-    name, epoch = where.unsaved
+    name, epoch = state.unsaved
     return (f"every finished epoch is saved except epoch {epoch} of {name}, whose checkpoint was not written "
             f"({name} resumes after epoch {epoch - 1})")
 
 
-def failed(e: BaseException, where: Where) -> int:
+def failed(e: BaseException, state: RunState) -> int:
     """The exit code and one line of a command that stopped; a bug is raised again, since its
     traceback is the useful report."""
     if isinstance(e, UsageError):
         return fail(f"error: {e}", 2)
     if isinstance(e, DivergedError):  # raised once every run is done: the others are in the tables
-        print_tables(Path(where.out_dir))
+        print_tables(Path(state.out_dir))
     if isinstance(e, RunError):
         return fail(str(e), 1)
     if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM: under torchrun every rank has it, rank 0 says it
         code = interrupt_exit_code(e)
-        return fail(interrupted_line(where, e), code) if distributed.is_main() else code
+        return fail(interrupted_line(state, e), code) if distributed.is_main() else code
     if isinstance(e, (MemoryError, RuntimeError, OSError)):
         if distributed.is_peer_failure(e):
-            return fail(peer_failure_line(e, where), 1)
+            return fail(peer_failure_line(e, state), 1)
         if isinstance(e, OSError) or is_oom(e):
-            return fail(failure_line(e, where), 1)
+            return fail(failure_line(e, state), 1)
     raise e
 
 
@@ -417,25 +423,25 @@ def fail(line: str, code: int) -> int:
     return code
 
 
-def failure_line(e: BaseException, where: Where) -> str:
-    saved = f"; {saved_epochs(where)} ({where.resume_command})" if where.resume_command else ""
+def failure_line(e: BaseException, state: RunState) -> str:
+    saved = f"; {saved_epochs(state)} ({state.resume_command})" if state.resume_command else ""
     if isinstance(e, OSError):
-        return f"failed during {where.stage}: {e}{saved}"
-    return (f"out of memory during {where.stage} ({one_line(e)}); start a fresh run with a smaller "
+        return f"failed during {state.stage}: {e}{saved}"
+    return (f"out of memory during {state.stage} ({one_line(e)}); start a fresh run with a smaller "
             f"--batch-size or --n-embed{saved}")
 
 
-def peer_failure_line(e: BaseException, where: Where) -> str:
-    saved = f"; {saved_epochs(where)}. Resume with: {where.resume_command}" if where.resume_command else ""
-    return (f"failed during {where.stage}: another process of the job stopped, hangs or cannot be reached "
+def peer_failure_line(e: BaseException, state: RunState) -> str:
+    saved = f"; {saved_epochs(state)}. Resume with: {state.resume_command}" if state.resume_command else ""
+    return (f"failed during {state.stage}: another process of the job stopped, hangs or cannot be reached "
             f"({one_line(e)}){saved}")
 
 
-def interrupted_line(where: Where, e: KeyboardInterrupt) -> str:
+def interrupted_line(state: RunState, e: KeyboardInterrupt) -> str:
     what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
-    if where.resume_command:
-        return f"{what} during {where.stage}; {saved_epochs(where)}. Resume with: {where.resume_command}"
-    return f"{what} during {where.stage}; nothing was written"
+    if state.resume_command:
+        return f"{what} during {state.stage}; {saved_epochs(state)}. Resume with: {state.resume_command}"
+    return f"{what} during {state.stage}; nothing was written"
 
 
 # ---------------------------------------------------------------------------------------
@@ -542,13 +548,13 @@ class WandbRun:
             self.run.finish(exit_code=exit_code)
 
 
-def new_record(cfg: TrainConfig, dataset: str, model_name: str, t, info: dict, device) -> dict:
-    """The results.json record of one (dataset, seed, model) run, before training (t: benchmark.Training)."""
-    model = t.model
+def new_record(cfg: TrainConfig, dataset: str, model_name: str, training, info: dict, device) -> dict:
+    """The results.json record of one (dataset, seed, model) run, before training (training: benchmark.Training)."""
+    model = training.model
     return {"dataset": dataset, "model": model_name, "seed": cfg.seed, "params": model.num_params(),
             "implementation": model.implementation + ("-residual" if getattr(model, "residual", False) else ""),
-            "status": "running", "steps_per_epoch": t.steps_per_epoch, "epochs": t.epochs,
-            "model_config": t.model_config.to_dict(), "data": info,
+            "status": "running", "steps_per_epoch": training.steps_per_epoch, "epochs": training.epochs,
+            "model_config": training.model_config.to_dict(), "data": info,
             **run_metadata(device), **distributed.describe(),  # world_size, backend
             "paper_config": is_paper_config(cfg, dataset, info), "config": cfg.to_json()}
 

@@ -46,7 +46,7 @@ def tiny_config(out_dir: Path, *extra: str) -> dict:
 def tiny_data(tmp_path_factory):
     """(cfg, train_loader, val_loader, info) of the tiny synthetic setup, prepared once."""
     cfg = tiny_config(tmp_path_factory.mktemp("data") / "run")
-    prepared = benchmark.prepare_data(cfg, Path(cfg.out_dir).parent / "cache", runs.Where())["synthetic"]
+    prepared = benchmark.prepare_data(cfg, Path(cfg.out_dir).parent / "cache", runs.RunState())["synthetic"]
     return cfg, prepared.train, prepared.validation, prepared.info
 
 

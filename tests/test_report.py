@@ -38,7 +38,7 @@ def test_report_combines_the_records_of_several_runs(two_runs, capsys):
     pytest.param("twice", "is in both", id="same-run-twice"),
     pytest.param("other-lr", "differ in lr", id="different-settings"),
     pytest.param("no-results", "cannot read", id="not-a-run"),
-    pytest.param("older-config", "differ in dtype", id="older-config-means-fp32"),
+    pytest.param("unrecorded-setting", "differ in dtype", id="a-setting-one-record-lacks"),
     pytest.param("extra-flag", "takes only --out-dir", id="training-flag"),
 ])
 def test_report_refuses_what_does_not_belong_in_one_table(two_runs, tmp_path, capsys, case, message):
@@ -47,16 +47,16 @@ def test_report_refuses_what_does_not_belong_in_one_table(two_runs, tmp_path, ca
         other = tmp_path / "lr"
         assert benchmark.main(tiny_args(other, "--lr", "0.02", "--seed", "5", epochs=1)) == 0
         dirs = [gam, str(other)]
-    elif case == "older-config":  # a record from before --dtype (fp32) against a bf16 one
+    elif case == "unrecorded-setting":  # a record without its dtype is not assumed to be fp32
         records = json.loads((two_runs / "gam" / "results.json").read_text())
-        for name, dtype, seed in (("old", None, 1), ("bf16", "bf16", 2)):
+        for name, dtype, seed in (("unrecorded", None, 1), ("fp32", "fp32", 2)):
             edited = [{**r, "seed": seed, "config": {k: v for k, v in r["config"].items() if k != "dtype"}}
                       for r in records]
             for r in edited:
                 r["config"].update({"dtype": dtype} if dtype else {})
             (tmp_path / name).mkdir()
             (tmp_path / name / "results.json").write_text(json.dumps(edited))
-        dirs = [str(tmp_path / "old"), str(tmp_path / "bf16")]
+        dirs = [str(tmp_path / "unrecorded"), str(tmp_path / "fp32")]
     else:
         dirs = {"twice": [gam, gam], "no-results": [gam, str(tmp_path)], "extra-flag": [gam]}[case]
     extra = ["--epochs", "3"] if case == "extra-flag" else []

@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, check_config, feed_forward
+from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, _causal_conv, check_config, feed_forward
 
 try:  # the official fused kernels; CUDA-only to install, and a broken CUDA build can fail at import
     from mamba_ssm import Mamba
@@ -481,6 +481,39 @@ def selective_scan(dt, A, B, C, u, chunk_len: int | None = None, tile: int | Non
         return _ChunkedScan.apply(dt, A, B, C, u, chunk_len, tile)
 
 
+class _CausalConvSiLU(torch.autograd.Function):
+    """SiLU(conv1d(x)[..., :L]) of TorchMamba (depthwise, causal, with bias) on x (B, L, D) as it is,
+    float32 or float64, by gam_model's shifted multiply-adds: no transposed or padded copies;
+    backward keeps x alone and recomputes the convolution (k multiply-adds), where conv1d and the
+    SiLU keep a contiguous copy of x and the SiLU's input: one (B, L, D) tensor less, and fewer
+    fresh ones (page faults)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return F.silu(_CausalConvSiLU.conv(x, weight, bias))
+
+    @staticmethod
+    def conv(x, weight, bias):
+        return _causal_conv(x, weight.to(x.dtype), bias.to(x.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight, bias = ctx.saved_tensors
+        L, k = x.shape[1], weight.shape[-1]
+        dc = _CausalConvSiLU.conv(x, weight, bias)                             # recomputed
+        torch.ops.aten.silu_backward.grad_input(g, dc, grad_input=dc)          # its gradient, in place
+        w = weight.to(x.dtype)[:, 0, :]                                        # (D, k)
+        dx, dw, scratch = dc * w[:, k - 1], torch.empty_like(w), torch.empty_like(dc)
+        for s in range(min(k, L)):  # tap k-1-s saw x shifted by s
+            dw[:, k - 1 - s] = torch.mul(dc[:, s:], x[:, :L - s], out=scratch[:, :L - s]).sum((0, 1))
+            if s:
+                dx[:, :L - s].addcmul_(dc[:, s:], w[:, k - 1 - s])
+        dw[:, :max(k - L, 0)] = 0                                              # taps that only saw the padding
+        return dx.to(x.dtype), dw.unsqueeze(1).to(weight.dtype), dc.sum((0, 1)).to(bias.dtype)
+
+
 class _Softplus(torch.autograd.Function):
     """F.softplus keeping its output for backward, not its input (the scan keeps the output
     anyway: one (B, L, D) tensor less): sigmoid(x) = 1 - exp(-softplus(x)) = -expm1(-y), and 1
@@ -513,7 +546,8 @@ class _SiLUGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         y, z = ctx.saved_tensors
-        return F.silu(z).mul_(g), torch.ops.aten.silu_backward(g * y, z)
+        dz = g * y  # d silu(z), then d z in place: each fresh (B, L, D) tensor costs page faults on CPU
+        return F.silu(z).mul_(g), torch.ops.aten.silu_backward.grad_input(dz, z, grad_input=dz)
 
 
 # Not transformers' MambaMixer: in transformers 5.24 it calls mamba_ssm's CUDA kernels whenever
@@ -576,12 +610,15 @@ class TorchMamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
-        L, N, R, W = hidden_states.shape[1], self.d_state, self.dt_rank, self.in_proj.weight
+        N, R, W = self.d_state, self.dt_rank, self.in_proj.weight
         # in_proj as two products, not one output chunked: backward then keeps z alone, not all of
         # (x, z), and needs no (B, L, 2D) concatenation of their gradients.
         x, z = F.linear(hidden_states, W[:self.d_inner]), F.linear(hidden_states, W[self.d_inner:])  # 2 x (B, L, D)
-        # Contiguous before the SiLU, once: x_proj and the scan then read x (and its gradient) in place.
-        x = self.act(self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2).contiguous())  # (B, L, D)
+        if x.dtype in (torch.float32, torch.float64):
+            x = _CausalConvSiLU.apply(x, self.conv1d.weight, self.conv1d.bias)  # SiLU(causal conv): (B, L, D)
+        else:  # fp16/bf16 (autocast): conv1d's own kernel in that dtype, as mamba_ssm's
+            L = x.shape[1]
+            x = self.act(self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2).contiguous())
         dt, B, C = torch.split(self.x_proj(x), [R, N, N], dim=-1)              # (B,L,R), (B,L,N), (B,L,N)
         dt = _Softplus.apply(self.dt_proj(dt))                                 # (B, L, D)
         # The scan in at least float32, as mamba_ssm's kernels, also under fp16/bf16 autocast.
@@ -594,7 +631,7 @@ class TorchMamba(nn.Module):
             y = (h @ C.unsqueeze(-1)).squeeze(-1)                              # C_t . h_t: (B, L, D)
         else:
             y = selective_scan(dt, A, B, C, u)                                 # the same, chunked: (B, L, D)
-        y = y + self.D.to(f) * u                                               # + D u_t
+        y = torch.addcmul(y, u, self.D.to(f))                                  # + D u_t, one (B, L, D) tensor
         return self.out_proj(_SiLUGate.apply(y.to(x.dtype), z))                # y * SiLU(z): (B, L, d_model)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):

@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, check_config, feed_forward
+from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, _causal_conv, check_config, feed_forward
 
 try:  # the official fused kernels; CUDA-only to install, and a broken CUDA build can fail at import
     from mamba_ssm import Mamba
@@ -69,6 +69,7 @@ __all__ = [
     "TransformerLM",
     "selective_scan",
     "scan_chunk_len",
+    "scan_tiling",
     "TorchMamba",
     "MambaResidualBlock",
     "MambaLM",
@@ -298,40 +299,54 @@ def _resolve_device(device) -> torch.device:
 # The chunked selective scan of TorchMamba
 # ----------------------------------------------------------------------------------------
 
-# Steps per chunk (``scan_chunk_len``): as many as keep one (K, B, D, N) buffer near 4 MiB, between
-# 4 and 64. Measured on CPU (forward + backward of the scan, fp32, 1 thread): at the paper's size
-# (B=32, d_inner 1536, d_state 16: 3 MiB a step) K=4 takes 2.3 s, K=8 3.2 s, K=16 3.5 s; at
-# B=16, d_inner 384, d_state 16 K=8 is best (K=32: 1.7x its time); at a test's size (2 KiB a step)
-# K=64 (python overhead per chunk dominates). The backward keeps the state at every chunk start,
-# (L/K, B, D, N): N/K of a (B, L, D) activation, 4 of them at the paper's size (192 MiB a layer of
-# the 691 MiB it saves; mambapy's scan saves 2083 MiB).
-SCAN_CHUNK_BYTES = 4 * 2 ** 20
+# A chunk's buffers are (K, b, N, D): K steps of a tile of b batch rows. scan_tiling keeps one near
+# SCAN_CHUNK_BYTES, so that the backward's three stay near a core's L2 (2 MiB: lscpu's 4 MiB in 2
+# instances) through the ~20 passes each chunk makes over them, and takes K >= 8 steps first, as
+# every chunk costs ~40 small ops. Measured on CPU (forward + backward of the scan alone, fp32, 1 thread) at the
+# paper's size (B=32, d_inner 1536, d_state 16: 96 KiB a row-step): (b, K) = (1, 8) 1.09 s,
+# (1, 4) 1.09 s, (2, 4) 1.17 s, (1, 16) 1.17 s, (32, 4) 1.34 s (one 12 MiB buffer each); the
+# earlier untiled (B, D, N) scan with time-major copies of its inputs took 1.58 s. Tiles of
+# several rows read strided views (b > 1 is slower at this size) but cut the ops per step at
+# small sizes. The backward keeps the state at every chunk start, (L/K, B, N, D): N/K of a
+# (B, L, D) activation, 2 of them at the paper's size (96 MiB a layer).
+SCAN_CHUNK_BYTES = 2 ** 20
+
+
+def scan_tiling(batch: int, d_inner: int, d_state: int, itemsize: int) -> tuple[int, int]:
+    """(tile, chunk_len) of ``selective_scan`` for a (batch, d_inner, d_state) state of that itemsize:
+    batch rows per tile and steps per chunk, a (chunk_len, tile, d_inner, d_state) buffer near
+    SCAN_CHUNK_BYTES; chunk_len between 8 and 64 (4 when one row-step is over an eighth of it)."""
+    row_steps = max(1, SCAN_CHUNK_BYTES // (d_inner * d_state * itemsize))     # chunk_len * tile
+    tile = min(batch, max(1, row_steps // 8))
+    steps = max(1, row_steps // tile)
+    return tile, min(64, max(4, 2 ** int(math.log2(steps))))
 
 
 def scan_chunk_len(batch: int, d_inner: int, d_state: int, itemsize: int) -> int:
     """The chunk length of ``selective_scan`` for a (batch, d_inner, d_state) state of that itemsize."""
-    steps = max(1, SCAN_CHUNK_BYTES // (batch * d_inner * d_state * itemsize))
-    return min(64, max(4, 2 ** int(math.log2(steps))))
+    return scan_tiling(batch, d_inner, d_state, itemsize)[1]
 
 
-def _chunk_states(h0, dt, A, B, u, hs, decay):
+def _chunk_states(h0, dt, At, B, xu, hs, decay):
     """The states of one chunk, time-major, written into the buffers ``hs`` and ``decay``.
 
-    h0 (B, D, N) the state before the chunk; dt, u (K, B, D); A (D, N); B (K, B, N).
-    Step by step (K in-place (B, D, N) updates), not a closed form from cumulative log-decays:
+    h0 (b, N, D) the state before the chunk; dt, xu = dt u (K, b, D); At = A^T (N, D); B (K, b, N).
+    N before D: the broadcasts and C_t . h_t then run along D, contiguous (2x faster bmm here).
+    Step by step (K in-place (b, N, D) updates), not a closed form from cumulative log-decays:
     the factored one, exp(cum_t) cumsum_s(exp(-cum_s) x_s), needs exp(+large) once a chunk's
     total decay passes ~88 (float32), and the safe one, exp(cum_t - cum_s) for every s <= t, is
     K times the work, as the decay differs per (d, n). A step only multiplies by exp(dt_t A) <= 1.
     """
-    torch.mul(dt.unsqueeze(-1), A, out=decay).exp_()                          # (K, B, D, N)
-    torch.mul((dt * u).unsqueeze(-1), B.unsqueeze(2), out=hs)                  # dt_t B_t u_t: (K, B, D, N)
-    hs[0].addcmul_(decay[0], h0)
-    for k in range(1, hs.shape[0]):
-        hs[k].addcmul_(decay[k], hs[k - 1])                                    # h_t = exp(dt_t A) h_{t-1} + ...
+    torch.mul(dt.unsqueeze(2), At, out=decay).exp_()                           # (K, b, N, D)
+    torch.mul(xu.unsqueeze(2), B.unsqueeze(-1), out=hs)                        # dt_t B_t u_t: (K, b, N, D)
+    h, a = hs.unbind(0), decay.unbind(0)                                       # per-step views, made once
+    h[0].addcmul_(a[0], h0)
+    for k in range(1, len(h)):
+        h[k].addcmul_(a[k], h[k - 1])                                          # h_t = exp(dt_t A) h_{t-1} + ...
 
 
 def _time_major(*tensors):
-    return [t.transpose(0, 1).contiguous() for t in tensors]                  # (B, L, .) -> (L, B, .)
+    return [t.transpose(0, 1) for t in tensors]                               # views: (b, L, .) -> (L, b, .)
 
 
 def _chunks(L: int, K: int):
@@ -339,32 +354,49 @@ def _chunks(L: int, K: int):
     return list(enumerate(slice(c, min(c + K, L)) for c in range(0, L, K)))
 
 
+def _tiles(batch: int, tile: int):
+    """Slices of ``tile`` batch rows (the last one shorter when tile does not divide batch)."""
+    return [slice(b, min(b + tile, batch)) for b in range(0, batch, tile)]
+
+
+def _tile_forward(dt, At, B, C, u, y, starts, bufs):
+    """The scan of one batch tile of b rows, all views time-major: dt, u, y (L, b, D), B, C (L, b, N);
+    writes y and the state before each chunk, starts (L/K, b, N, D)."""
+    hs, decay = bufs                                                           # 2 x (K, b, N, D)
+    chunks = _chunks(dt.shape[0], hs.shape[0])
+    xu = dt * u                                                                # (L, b, D)
+    starts[0].zero_()
+    for i, s in chunks:
+        n = s.stop - s.start
+        _chunk_states(starts[i], dt[s], At, B[s], xu[s], hs[:n], decay[:n])
+        y[s] = (C[s].unsqueeze(2) @ hs[:n]).squeeze(2)                         # C_t . h_t: (n, b, D)
+        if i + 1 < len(chunks):
+            starts[i + 1] = hs[n - 1]
+
+
 class _ChunkedScan(torch.autograd.Function):
     """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, h_0 = 0 (no D u_t term).
 
     Forward keeps only the state at each chunk start; backward recomputes a chunk's states from
     it (as mamba_ssm's CUDA kernel recomputes from its inputs), so no (B, L, D, N) tensor is ever
-    built or saved: only (K, B, D, N) buffers, reused across chunks.
+    built or saved: only (K, b, N, D) buffers for a tile of b batch rows, reused across chunks
+    and tiles (tiles are independent: the recurrence runs along time only). Inputs and outputs
+    stay batch-major; a tile reads them through time-major views, never copied.
     """
 
     @staticmethod
-    def forward(ctx, dt, A, B, C, u, chunk_len):
-        dt_, B_, C_, u_ = _time_major(dt, B, C, u)                             # (L, B, .): a chunk is one slice
-        (L, Bs, D), N = u_.shape, A.shape[1]
-        K = min(chunk_len, L)
-        hs, decay = u_.new_empty(K, Bs, D, N), u_.new_empty(K, Bs, D, N)
-        chunks = _chunks(L, K)
-        starts = u_.new_zeros(len(chunks), Bs, D, N)                           # h before each chunk
-        y = u_.new_empty(L, Bs, D)
-        for i, s in chunks:
-            n = s.stop - s.start
-            _chunk_states(starts[i], dt_[s], A, B_[s], u_[s], hs[:n], decay[:n])
-            y[s] = (hs[:n] @ C_[s].unsqueeze(-1)).squeeze(-1)                  # C_t . h_t: (n, B, D)
-            if i + 1 < len(chunks):
-                starts[i + 1] = hs[n - 1]
+    def forward(ctx, dt, A, B, C, u, chunk_len, tile):
+        (Bs, L, D), N = u.shape, A.shape[1]
+        K, b = min(chunk_len, L), min(tile, Bs)
+        bufs = [u.new_empty(K, b, N, D) for _ in range(2)]                    # 2 x (K, b, N, D)
+        starts = u.new_empty(len(_chunks(L, K)), Bs, N, D)                    # h before each chunk
+        y, At = u.new_empty(Bs, L, D), A.t().contiguous()                     # (B, L, D), (N, D)
+        for r in _tiles(Bs, b):
+            dt_, B_, C_, u_, y_ = _time_major(dt[r], B[r], C[r], u[r], y[r])  # (L, b, .)
+            _tile_forward(dt_, At, B_, C_, u_, y_, starts[:, r], [t[:, :r.stop - r.start] for t in bufs])
         ctx.save_for_backward(dt, A, B, C, u, starts)  # the inputs as given: storages shared with other saves
-        ctx.chunk_len = K
-        return y.transpose(0, 1)                                               # (B, L, D)
+        ctx.chunk_len, ctx.tile = K, b
+        return y                                                               # (B, L, D)
 
     @staticmethod
     @once_differentiable  # a hand-written backward: no graph of its own to differentiate again
@@ -375,66 +407,147 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         dt, A, B, C, u, starts = ctx.saved_tensors
-        dt, B, C, u, dy = _time_major(dt, B, C, u, dy)                         # (L, B, .)
-        K = ctx.chunk_len
-        bufs = [u.new_empty(K, *starts.shape[1:]) for _ in range(3)]           # 3 x (K, B, D, N)
-        grads = [torch.empty_like(t) for t in (dt, B, C, u)]                   # ddt, dB, dC, du: (L, B, .)
-        dA = torch.zeros_like(A)                                               # (D, N)
-        carry = torch.zeros_like(starts[0])                                    # dloss/dh after the chunk, (B, D, N)
-        for i, s in reversed(_chunks(u.shape[0], K)):
-            n = s.stop - s.start
-            carry = _chunk_backward(starts[i], carry, dt[s], A, B[s], C[s], u[s], dy[s],
-                                    [b[:n] for b in bufs], [g[s] for g in grads], dA)
-        ddt, dB, dC, du = (g.transpose(0, 1) for g in grads)                   # (B, L, .)
-        return ddt, dA, dB, dC, du, None
+        K, b = ctx.chunk_len, ctx.tile
+        bufs = [u.new_empty(K, b, *starts.shape[2:]) for _ in range(3)]        # 3 x (K, b, N, D)
+        grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (dt, B, C, u)]
+        At, dAt = A.t().contiguous(), A.new_zeros(A.shape[::-1])               # (N, D)
+        for r in _tiles(u.shape[0], b):
+            _tile_backward(*_time_major(dt[r], B[r], C[r], u[r], dy[r]), At, starts[:, r],
+                           [t[:, :r.stop - r.start] for t in bufs], _time_major(*(g[r] for g in grads)), dAt)
+        ddt, dB, dC, du = grads                                                # (B, L, .)
+        return ddt, dAt.t(), dB, dC, du, None, None
 
 
-def _chunk_backward(h0, carry, dt, A, B, C, u, dy, bufs, grads, dA):
-    """One chunk of the backward (time-major, as ``_chunk_states``): writes d dt, dB, dC, du of
-    the chunk into ``grads``, adds its share to dA; ``carry`` is exp(dt A) g at the step after the
-    chunk, and the same at the chunk's first step is returned, for the chunk before.
+def _tile_backward(dt, B, C, u, dy, At, starts, bufs, grads, dAt):
+    """The backward of one tile (time-major views, as ``_tile_forward``), chunks last to first:
+    writes d dt, dB, dC, du into ``grads`` (L, b, .) and adds the tile's share to dA^T, dAt."""
+    ddt, dB, dC, du = grads
+    xu, gB = dt * u, torch.empty_like(u)                                       # dt_t u_t, g_t . B_t: (L, b, D)
+    carry = torch.zeros_like(starts[0])                                        # dloss/dh after the chunk, (b, N, D)
+    for i, s in reversed(_chunks(dt.shape[0], bufs[0].shape[0])):
+        n = s.stop - s.start
+        carry = _chunk_backward(starts[i], carry, dt[s], At, B[s], C[s], xu[s], dy[s], [t[:n] for t in bufs],
+                                (ddt[s], dB[s], dC[s], gB[s]), dAt)
+    torch.mul(gB, dt, out=du)                                                  # d(dt_t u_t) dt_t
+    ddt.addcmul_(gB, u)                                                        # + d(dt_t u_t) u_t
+
+
+def _chunk_backward(h0, carry, dt, At, B, C, xu, dy, bufs, grads, dAt):
+    """One chunk of the backward (time-major, as ``_chunk_states``): writes the chunk's part of
+    d dt (its q_t . A term), dB, dC and g_t . B_t into ``grads``, adds its share to dA^T; ``carry``
+    is exp(dt A) g at the step after the chunk, the same at its first step is returned.
 
     g_t = dloss/dh_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; with x_t = dt_t u_t B_t and
     q_t = g_t * exp(dt_t A) h_{t-1} (the gradient of dt_t A):
     dC_t = dy_t . h_t, dB_t = (dt_t u_t) . g_t, d(dt_t u_t) = g_t . B_t,
     d dt_t = q_t . A + u_t (g_t . B_t), dA = sum q_t dt_t.
     """
-    hs, decay, gs = bufs                                                       # 3 x (K, B, D, N)
-    ddt, dB, dC, du = grads
-    _chunk_states(h0, dt, A, B, u, hs, decay)                                  # recomputed, not stored
-    dC.copy_((dy.unsqueeze(2) @ hs).squeeze(2))                                # (K, B, N)
-    torch.mul(dy.unsqueeze(-1), C.unsqueeze(2), out=gs)                        # C_t dy_t: (K, B, D, N)
+    hs, decay, gs = bufs                                                       # 3 x (K, b, N, D)
+    ddt, dB, dC, gB = grads
+    _chunk_states(h0, dt, At, B, xu, hs, decay)                                # recomputed, not stored
+    # Row times transposed matrix: MKL's bmm is ~3x faster so than matrix times column here.
+    dC.copy_((dy.unsqueeze(2) @ hs.transpose(2, 3)).squeeze(2))                # dy_t . h_t: (K, b, N)
+    torch.mul(dy.unsqueeze(2), C.unsqueeze(-1), out=gs)                        # C_t dy_t: (K, b, N, D)
     gs[-1] += carry
-    for k in range(gs.shape[0] - 2, -1, -1):
-        gs[k].addcmul_(decay[k + 1], gs[k + 1])
-    carry = decay[0] * gs[0]                                                   # (B, D, N)
-    q = decay                                                                  # overwritten: exp(dt_t A) h_{t-1} g_t
-    q[1:].mul_(hs[:-1])
-    q[0].mul_(h0)
-    q.mul_(gs)                                                                 # (K, B, D, N)
-    gB = (gs @ B.unsqueeze(-1)).squeeze(-1)                                    # g_t . B_t: (K, B, D)
-    dB.copy_(((dt * u).unsqueeze(2) @ gs).squeeze(2))                          # (K, B, N)
-    du.copy_(gB * dt)
+    g, a = gs.unbind(0), decay.unbind(0)
+    for k in range(len(g) - 2, -1, -1):
+        g[k].addcmul_(a[k + 1], g[k + 1])
+    carry = a[0] * g[0]                                                        # (b, N, D)
+    decay[1:].mul_(hs[:-1])                                                    # decay overwritten by q_t:
+    a[0].mul_(h0)
+    q = decay.mul_(gs)                                                         # exp(dt_t A) h_{t-1} g_t
+    gB.copy_((B.unsqueeze(2) @ gs).squeeze(2))                                 # (K, b, D)
+    dB.copy_((xu.unsqueeze(2) @ gs.transpose(2, 3)).squeeze(2))                # (K, b, N)
     # hs and gs are no longer needed: scratch for the two products (an einsum would copy q once more).
-    ddt.copy_(torch.mul(q, A, out=hs).sum(-1) + gB * u)
-    dA += torch.mul(q, dt.unsqueeze(-1), out=gs).sum((0, 1))
+    torch.sum(torch.mul(q, At, out=hs), 2, out=ddt)
+    dAt += torch.mul(q, dt.unsqueeze(2), out=gs).sum((0, 1))
     return carry
 
 
-def selective_scan(dt, A, B, C, u, chunk_len: int | None = None) -> torch.Tensor:
+def selective_scan(dt, A, B, C, u, chunk_len: int | None = None, tile: int | None = None) -> torch.Tensor:
     """Mamba's selective scan without the D u skip, chunked: y (B, L, D), y_t = C_t . h_t,
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, h_0 = 0.
 
     dt, u (B, L, D); A (D, N), negative; B, C (B, L, N); all one floating dtype. Differentiable
     in every input (see ``_ChunkedScan``). Runs in the inputs' dtype: autocast is off inside.
-    chunk_len: steps per chunk, None for ``scan_chunk_len``'s choice.
+    chunk_len: steps per chunk; tile: batch rows scanned together; None for ``scan_tiling``'s choice.
     """
-    if chunk_len is None:
-        chunk_len = scan_chunk_len(u.shape[0], *A.shape, u.element_size())
-    if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
-        raise ValueError(f"chunk_len must be a positive integer, got {chunk_len!r}")
+    auto_tile, auto_len = scan_tiling(u.shape[0], *A.shape, u.element_size())
+    chunk_len, tile = auto_len if chunk_len is None else chunk_len, auto_tile if tile is None else tile
+    for name, v in (("chunk_len", chunk_len), ("tile", tile)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     with torch.autocast(u.device.type, enabled=False):
-        return _ChunkedScan.apply(dt, A, B, C, u, chunk_len)
+        return _ChunkedScan.apply(dt, A, B, C, u, chunk_len, tile)
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    """SiLU(conv1d(x)[..., :L]) of TorchMamba (depthwise, causal, with bias) on x (B, L, D) as it is,
+    float32 or float64, by gam_model's shifted multiply-adds: no transposed or padded copies;
+    backward keeps x alone and recomputes the convolution (k multiply-adds), where conv1d and the
+    SiLU keep a contiguous copy of x and the SiLU's input: one (B, L, D) tensor less, and fewer
+    fresh ones (page faults)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return F.silu(_CausalConvSiLU.conv(x, weight, bias))
+
+    @staticmethod
+    def conv(x, weight, bias):
+        return _causal_conv(x, weight.to(x.dtype), bias.to(x.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight, bias = ctx.saved_tensors
+        L, k = x.shape[1], weight.shape[-1]
+        dc = _CausalConvSiLU.conv(x, weight, bias)                             # recomputed
+        torch.ops.aten.silu_backward.grad_input(g, dc, grad_input=dc)          # its gradient, in place
+        w = weight.to(x.dtype)[:, 0, :]                                        # (D, k)
+        dx, dw, scratch = dc * w[:, k - 1], torch.empty_like(w), torch.empty_like(dc)
+        for s in range(min(k, L)):  # tap k-1-s saw x shifted by s
+            dw[:, k - 1 - s] = torch.mul(dc[:, s:], x[:, :L - s], out=scratch[:, :L - s]).sum((0, 1))
+            if s:
+                dx[:, :L - s].addcmul_(dc[:, s:], w[:, k - 1 - s])
+        dw[:, :max(k - L, 0)] = 0                                              # taps that only saw the padding
+        return dx.to(x.dtype), dw.unsqueeze(1).to(weight.dtype), dc.sum((0, 1)).to(bias.dtype)
+
+
+class _Softplus(torch.autograd.Function):
+    """F.softplus keeping its output for backward, not its input (the scan keeps the output
+    anyway: one (B, L, D) tensor less): sigmoid(x) = 1 - exp(-softplus(x)) = -expm1(-y), and 1
+    above F.softplus's threshold of 20, where it returns x itself, as its own backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = F.softplus(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, = ctx.saved_tensors
+        sig = y.neg().expm1_().neg_().masked_fill_(y > 20, 1)                  # in place: one (B, L, D) buffer
+        return sig.mul_(g)
+
+
+class _SiLUGate(torch.autograd.Function):
+    """y * silu(z), keeping y and z for backward, which recomputes silu(z): autograd's
+    ``y * F.silu(z)`` keeps silu(z) too, a third (B, L, D) tensor. The same gradients, op for op."""
+
+    @staticmethod
+    def forward(ctx, y, z):
+        ctx.save_for_backward(y, z)
+        return y * F.silu(z)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, z = ctx.saved_tensors
+        dz = g * y  # d silu(z), then d z in place: each fresh (B, L, D) tensor costs page faults on CPU
+        return F.silu(z).mul_(g), torch.ops.aten.silu_backward.grad_input(dz, z, grad_input=dz)
 
 
 # Not transformers' MambaMixer: in transformers 5.24 it calls mamba_ssm's CUDA kernels whenever
@@ -497,11 +610,17 @@ class TorchMamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
-        L, N, R = hidden_states.shape[1], self.d_state, self.dt_rank
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                    # 2 x (B, L, D)
-        x = self.act(self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2))  # (B, L, D)
+        N, R, W = self.d_state, self.dt_rank, self.in_proj.weight
+        # in_proj as two products, not one output chunked: backward then keeps z alone, not all of
+        # (x, z), and needs no (B, L, 2D) concatenation of their gradients.
+        x, z = F.linear(hidden_states, W[:self.d_inner]), F.linear(hidden_states, W[self.d_inner:])  # 2 x (B, L, D)
+        if x.dtype in (torch.float32, torch.float64):
+            x = _CausalConvSiLU.apply(x, self.conv1d.weight, self.conv1d.bias)  # SiLU(causal conv): (B, L, D)
+        else:  # fp16/bf16 (autocast): conv1d's own kernel in that dtype, as mamba_ssm's
+            L = x.shape[1]
+            x = self.act(self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2).contiguous())
         dt, B, C = torch.split(self.x_proj(x), [R, N, N], dim=-1)              # (B,L,R), (B,L,N), (B,L,N)
-        dt = F.softplus(self.dt_proj(dt))                                      # (B, L, D)
+        dt = _Softplus.apply(self.dt_proj(dt))                                 # (B, L, D)
         # The scan in at least float32, as mamba_ssm's kernels, also under fp16/bf16 autocast.
         f = torch.promote_types(x.dtype, torch.float32)
         dt, B, C, u = dt.to(f), B.to(f), C.to(f), x.to(f)
@@ -512,8 +631,8 @@ class TorchMamba(nn.Module):
             y = (h @ C.unsqueeze(-1)).squeeze(-1)                              # C_t . h_t: (B, L, D)
         else:
             y = selective_scan(dt, A, B, C, u)                                 # the same, chunked: (B, L, D)
-        y = y + self.D.to(f) * u                                               # + D u_t
-        return self.out_proj(y.to(x.dtype) * self.act(z))                      # (B, L, d_model)
+        y = torch.addcmul(y, u, self.D.to(f))                                  # + D u_t, one (B, L, D) tensor
+        return self.out_proj(_SiLUGate.apply(y.to(x.dtype), z))                # y * SiLU(z): (B, L, d_model)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):
         """Zero decoding states, as mamba_ssm.Mamba's: conv_state (B, D, d_conv), the last

@@ -159,8 +159,8 @@ EXPERIMENTS = [
                ("python scale.py --mode decode --device cpu --threads 1 --models gam transformer mamba --seq-lens 256 "
                 "512 1024 2048 4096 8192 --warmup 3 --iters 10 --reencode-max-len 1024 --reencode-reps 2 "
                 "--out-dir {out}",)),
-    Experiment("perf", "perf-cpu", 5, "GAM block memory and time, generation speed",
-               ("python perf.py --threads 1 --out-dir {out}",)),
+    Experiment("perf", "perf-cpu", 5, "GAM block memory, time and profile, generation speed",
+               ("python perf.py --checks block generate --profile --threads 1 --out-dir {out}",)),
 ]
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 # Folders under assets/ that no command re-makes: explorations kept as they were written, and

@@ -1,6 +1,6 @@
 """Performance checks of the GAM block and of generation, in one process (numbers in assets/perf-cpu/):
 
-    python perf.py --out-dir assets/perf-cpu --threads 1
+    python perf.py --checks block generate --profile --threads 1 --out-dir assets/perf-cpu
 
 1. block: one GAM block in train mode (default B=4, T=2048, C=512, fp32), written as the
    author's code (``author_style_forward``), our reference path and the fast path, all with
@@ -19,6 +19,9 @@
    interleaved across the variants. ``--mamba-scans chunked`` leaves out the slow pscan: at the
    paper's size it saves 2 GiB a layer (a 6-layer step ~13 GiB) and takes minutes a step, so on a
    small machine time its step at ``--mamba-batch 8`` (3.1 GiB).
+
+``--profile`` adds, to the block check, one forward + backward of the author-style and the fast
+block under torch.profiler: the ops with the most self CPU time of each go to profile.md.
 
 A separate script rather than a scale.py mode: these are fixed-size comparisons of
 implementations, not sweeps over lengths, so scale.py's per-length rows, fits and plots do not
@@ -104,9 +107,47 @@ def block_check(args) -> dict:
         run(n).sum().backward()
 
     times = interleaved_medians({n: lambda n=n: forward_backward(n) for n in variants}, args.reps)
-    return {"B": args.batch, "T": args.seq_len, "C": args.d_model, "dtype": "float32",
-            "saved_MiB": {n: b / MIB for n, b in saved.items()}, "max_abs_diff_fast_vs_author": diff,
-            "time_s": times, "ratio_vs_author": ratios(saved, times, "author")}
+    out = {"B": args.batch, "T": args.seq_len, "C": args.d_model, "dtype": "float32",
+           "saved_MiB": {n: b / MIB for n, b in saved.items()}, "max_abs_diff_fast_vs_author": diff,
+           "time_s": times, "ratio_vs_author": ratios(saved, times, "author")}
+    if args.profile:
+        out["profile"] = {n: profile_ops(lambda n=n: forward_backward(n), args.profile_rows) for n in PROFILED}
+    return out
+
+
+PROFILED = ("author", "fast")  # the blocks --profile profiles
+
+
+def profile_ops(fn, rows: int) -> dict:
+    """fn() once under torch.profiler (CPU ops, after one warm-up call): the total self CPU time
+    and the ``rows`` ops (aten names) with the most self CPU time, with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"self_cpu_total_ms": sum(e.self_cpu_time_total for e in ops) / 1e3,
+            "top": [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3} for e in ops[:rows]]}
+
+
+def profile_markdown(b: dict) -> str:
+    """The --profile table: the union of each profiled block's top ops, one row an op, both blocks' columns."""
+    prof = b["profile"]
+    rows = {r["op"]: {} for n in prof for r in prof[n]["top"]}
+    for n in prof:
+        for r in prof[n]["top"]:
+            rows[r["op"]][n] = r
+    order = sorted(rows, key=lambda op: -max(r["self_cpu_ms"] for r in rows[op].values()))
+    head = " | ".join(f"{n} calls | {n} self CPU (ms)" for n in prof)
+    lines = [f"GAM block, train mode, B={b['B']} T={b['T']} C={b['C']} fp32, one forward + backward under "
+             "torch.profiler (CPU, after a warm-up): the ops with the most self CPU time in either block "
+             "(blank: not among that block's top rows).", "", f"| Op | {head} |", "|---" * (1 + 2 * len(prof)) + "|"]
+    for op in order:
+        cells = [f"{rows[op][n]['calls']} | {rows[op][n]['self_cpu_ms']:.1f}" if n in rows[op] else " | " for n in prof]
+        lines.append(f"| {op} | {' | '.join(cells)} |")
+    total = " | ".join(f" | {prof[n]['self_cpu_total_ms']:.1f}" for n in prof)
+    lines.append(f"| total (all ops) | {total} |")
+    return "\n".join(lines) + "\n"
 
 
 def ratios(saved: dict, times: dict, base: str) -> dict:
@@ -271,6 +312,10 @@ def parse_args(argv=None):
                    help="mamba checks: TorchMamba's scans to compare")
     p.add_argument("--mamba-reps", type=int_at_least(1), default=3,
                    help="mamba checks: timed rounds (after one warm-up)")
+    p.add_argument("--profile", action="store_true",
+                   help="block check: also profile one forward + backward of the author-style and fast blocks "
+                        "with torch.profiler; their top ops go to profile.md (and perf.json)")
+    p.add_argument("--profile-rows", type=int_at_least(1), default=12, help="--profile: top ops per block")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs")
     p.add_argument("--out-dir", required=True, help="where perf.json and perf.md go")
@@ -296,6 +341,8 @@ def main(argv=None) -> int:
     doc.update(loadavg_end=os.getloadavg(), wall_s=time.perf_counter() - start, metadata=run_metadata("cpu"))
     atomic_write_text(os.path.join(args.out_dir, "perf.json"), json.dumps(doc, indent=1) + "\n")
     atomic_write_text(os.path.join(args.out_dir, "perf.md"), markdown(doc))
+    if "profile" in doc.get("block", {}):
+        atomic_write_text(os.path.join(args.out_dir, "profile.md"), profile_markdown(doc["block"]))
     print(markdown(doc))
     return 0
 

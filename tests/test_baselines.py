@@ -246,8 +246,9 @@ def tiny_mixer(seed=0, scan="chunked"):
     return mixer
 
 
-# The chunked scan at its own chunk length for these sizes (64 steps: T = 1, 15, 63 within one
-# chunk, 300 in five, the last one short) and at 4 steps (15, 63, 300 end in a short chunk).
+# The chunked scan at its own tiling for these sizes (the batch of 2 in one tile, 64 steps: T = 1,
+# 15, 63 within one chunk, 300 in five, the last one short) and at 4 steps in tiles of one row
+# (15, 63, 300 end in a short chunk).
 @pytest.mark.parametrize("scan, chunk_bytes", [
     pytest.param("chunked", None, id="chunked"),
     pytest.param("chunked", 1, id="chunked-4-steps"),
@@ -266,7 +267,7 @@ def test_torch_mamba_matches_sequential_reference(monkeypatch, scan, chunk_bytes
     """Outputs and all gradients against the equations with explicit loops, in float64."""
     if chunk_bytes is not None:
         monkeypatch.setattr(baselines, "SCAN_CHUNK_BYTES", chunk_bytes)
-        assert baselines.scan_chunk_len(2, 32, 4, 8) == 4
+        assert baselines.scan_tiling(2, 32, 4, 8) == (1, 4)  # and one batch row per tile
     mixer = tiny_mixer(scan=scan).train(mode == "train")
     ref = tiny_mixer()
     ref.load_state_dict(mixer.state_dict())
@@ -313,13 +314,34 @@ def scan_inputs(Bsz, L, D, N, dtype=torch.float64, dt_scale=1.0, seed=0):
     return [t.requires_grad_() for t in (dt, A, B, C, u)]
 
 
-@pytest.mark.parametrize("L, chunk_len", [(1, 4), (5, 1), (7, 3), (8, 4), (6, 16)],
-                         ids=["T1", "chunk1", "T7-chunk3", "T8-chunk4", "chunk-over-T"])
-def test_selective_scan_gradcheck(L, chunk_len):
-    inputs = scan_inputs(2, L, 3, 2)
-    torch.testing.assert_close(baselines.selective_scan(*inputs, chunk_len=chunk_len), sequential_scan(*inputs),
-                               atol=1e-12, rtol=1e-12)
-    assert torch.autograd.gradcheck(lambda *a: baselines.selective_scan(*a, chunk_len=chunk_len), inputs)
+@pytest.mark.parametrize("Bsz, L, chunk_len, tile", [(2, 1, 4, 2), (2, 5, 1, 2), (2, 7, 3, 2), (2, 8, 4, 2),
+                                                      (2, 6, 16, 2), (3, 7, 3, 2), (3, 8, 4, 1), (2, 5, 2, 4)],
+                         ids=["T1", "chunk1", "T7-chunk3", "T8-chunk4", "chunk-over-T", "tile-2-of-3",
+                              "tile-1", "tile-over-batch"])
+def test_selective_scan_gradcheck(Bsz, L, chunk_len, tile):
+    inputs = scan_inputs(Bsz, L, 3, 2)
+    scan = lambda *a: baselines.selective_scan(*a, chunk_len=chunk_len, tile=tile)  # noqa: E731
+    torch.testing.assert_close(scan(*inputs), sequential_scan(*inputs), atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(scan, inputs)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_selective_scan_tiles_that_do_not_divide_the_batch(dtype, tol):
+    """Batch 5 in tiles of 2 (the last one a single row), 300 steps in chunks of 8 (the last one
+    short), B and C strided views as TorchMamba passes them: outputs and all gradients against
+    the float64 steps."""
+    ref = scan_inputs(5, 300, 6, 4)
+    BC = torch.cat([t.detach() for t in ref[2:4]], dim=-1).to(dtype).requires_grad_()  # (5, 300, 8)
+    dt, A, u = (ref[i].detach().to(dtype).requires_grad_() for i in (0, 1, 4))
+    w = torch.randn(5, 300, 6, dtype=torch.float64)
+    y = baselines.selective_scan(dt, A, BC[..., :4], BC[..., 4:], u, chunk_len=8, tile=2)
+    (y * w.to(dtype)).sum().backward()
+    y_ref = sequential_scan(*ref)
+    (y_ref * w).sum().backward()
+    dB_ref, dC_ref = ref[2].grad, ref[3].grad
+    for a, b in zip([y, dt.grad, A.grad, BC.grad[..., :4], BC.grad[..., 4:], u.grad],
+                    [y_ref.detach(), ref[0].grad, ref[1].grad, dB_ref, dC_ref, ref[4].grad]):
+        torch.testing.assert_close(a.double(), b, atol=tol * b.abs().max().item(), rtol=tol)
 
 
 def test_selective_scan_is_safe_under_large_decays():
@@ -336,11 +358,19 @@ def test_selective_scan_is_safe_under_large_decays():
         torch.testing.assert_close(a.double(), b.detach(), atol=1e-5 * b.abs().max().item(), rtol=1e-5)
 
 
-def test_scan_chunk_len_keeps_a_chunk_near_4_mib():
-    assert baselines.scan_chunk_len(32, 1536, 16, 4) == 4       # the paper's size: 3 MiB a step, the floor
-    assert baselines.scan_chunk_len(16, 384, 16, 4) == 8        # 384 KiB a step
-    assert baselines.scan_chunk_len(16, 384, 16, 8) == 4        # float64: half the steps
-    assert baselines.scan_chunk_len(2, 32, 4, 8) == 64          # tiny: the cap
+def test_scan_tiling_keeps_a_chunk_buffer_near_1_mib():
+    assert baselines.scan_tiling(32, 1536, 16, 4) == (1, 8)     # the paper's size: 96 KiB a row-step
+    assert baselines.scan_tiling(16, 384, 16, 4) == (5, 8)      # 24 KiB a row-step; 5 rows do not divide 16
+    assert baselines.scan_tiling(16, 384, 16, 8) == (2, 8)      # float64: half the rows
+    assert baselines.scan_tiling(2, 32, 4, 8) == (2, 64)        # tiny: the whole batch, the cap on steps
+    assert baselines.scan_tiling(1, 8192, 64, 4) == (1, 4)      # 2 MiB a row-step: the floor on steps
+    assert baselines.scan_chunk_len(32, 1536, 16, 4) == 8
+
+
+def test_selective_scan_bad_tile():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="tile"):
+            baselines.selective_scan(*scan_inputs(1, 3, 2, 2), tile=bad)
 
 
 def test_selective_scan_bad_chunk_len():

@@ -52,3 +52,23 @@ def test_mamba_check_runs_one_scan_alone(tmp_path):
     doc = json.loads((tmp_path / "perf.json").read_text())
     assert doc["mamba_layer"]["max_abs_diff_chunked_vs_pscan"] is None and "ratio_vs_pscan" not in doc["mamba_layer"]
     assert set(doc["mamba_step"]["time_s"]) == {"gam", "mamba-chunked"}
+
+
+def test_profile_writes_the_top_ops_of_both_blocks(tmp_path):
+    assert perf.main(["--out-dir", str(tmp_path), "--checks", "block", "--batch", "1", "--seq-len", "8",
+                      "--d-model", "16", "--reps", "1", "--threads", "1", "--profile", "--profile-rows", "3"]) == 0
+    prof = json.loads((tmp_path / "perf.json").read_text())["block"]["profile"]
+    assert set(prof) == {"author", "fast"}
+    for p in prof.values():
+        assert len(p["top"]) == 3 and p["self_cpu_total_ms"] >= sum(r["self_cpu_ms"] for r in p["top"]) > 0
+        assert [r["self_cpu_ms"] for r in p["top"]] == sorted((r["self_cpu_ms"] for r in p["top"]), reverse=True)
+    md = (tmp_path / "profile.md").read_text()
+    assert "| Op | author calls | author self CPU (ms) | fast calls | fast self CPU (ms) |" in md
+    assert md.count("\n| ") >= 1 + 3 + 1  # header, at least each block's 3 rows merged, the total
+
+
+def test_no_profile_without_the_option(tmp_path):
+    assert perf.main(["--out-dir", str(tmp_path), "--checks", "block", "--batch", "1", "--seq-len", "8",
+                      "--d-model", "16", "--reps", "1", "--threads", "1"]) == 0
+    assert "profile" not in json.loads((tmp_path / "perf.json").read_text())["block"]
+    assert not (tmp_path / "profile.md").exists()

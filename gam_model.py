@@ -234,9 +234,9 @@ class GAMBlock(nn.Module):
         conv = self.causal_conv if self.use_local else None
         gate = self.gate if self.use_gate else None
         cast = _autocast_dtype(x.device.type)  # applied by hand inside the function
-        static = (self.ln1.eps, self.ln2.eps, self.ffn[1].approximate, float(p), cast)
+        settings = (self.ln1.eps, self.ln2.eps, self.ffn[1].approximate, float(p), cast)
         return _GAMBlockFunction.apply(
-            x, static,
+            x, settings,
             self.ln1.weight, self.ln1.bias,
             None if conv is None else conv.weight, None if conv is None else conv.bias,
             self.memory_bank if self.use_global else None,
@@ -303,26 +303,26 @@ class _GAMBlockFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, static, ln1_w, ln1_b, conv_w, conv_b, memory, gate_w, gate_b,
+    def forward(ctx, x, settings, ln1_w, ln1_b, conv_w, conv_b, memory, gate_w, gate_b,
                 ln2_w, ln2_b, w1, b1, w2, b2):
-        eps1, eps2, approximate, p, cast = static
+        eps1, eps2, approximate, p, cast = settings
         with _no_autocast(x):
-            lo, hi = _casts(cast)
+            to_matmul, to_fp32 = _casts(cast)
             B, T, C = x.shape
-            h = torch.native_layer_norm(hi(x), (C,), ln1_w, ln1_b, eps1)[0]   # (B, T, C)
-            hc = lo(h)
+            h = torch.native_layer_norm(to_fp32(x), (C,), ln1_w, ln1_b, eps1)[0]   # (B, T, C)
+            hc = to_matmul(h)
             paths = []
             if conv_w is not None:
-                paths.append(_causal_conv(hc, lo(conv_w), lo(conv_b)))      # local (B, T, C)
+                paths.append(_causal_conv(hc, to_matmul(conv_w), to_matmul(conv_b)))      # local (B, T, C)
             glob = w = None
             if memory is not None:
-                M = lo(memory)
-                w = torch.softmax(hi(hc.reshape(-1, C) @ M.t()), dim=-1)    # (B*T, S), saved
-                glob = (lo(w) @ M).view(B, T, C)                            # (B, T, C)
+                M = to_matmul(memory)
+                w = torch.softmax(to_fp32(hc.reshape(-1, C) @ M.t()), dim=-1)    # (B*T, S), saved
+                glob = (to_matmul(w) @ M).view(B, T, C)                            # (B, T, C)
                 paths.append(glob)
             sig = None
             if gate_w is not None:
-                sig = torch.sigmoid(F.linear(hc, lo(gate_w), lo(gate_b)))  # (B, T, n*C)
+                sig = torch.sigmoid(F.linear(hc, to_matmul(gate_w), to_matmul(gate_b)))  # (B, T, n*C)
                 fused = paths[0] * sig[..., :C]
                 if len(paths) == 2:
                     fused.addcmul_(paths[1], sig[..., C:])
@@ -331,15 +331,15 @@ class _GAMBlockFunction(torch.autograd.Function):
             del paths
             x1 = _add_into(fused, x)                                        # x + fused (B, T, C)
             del fused
-            u = torch.native_layer_norm(hi(x1), (C,), ln2_w, ln2_b, eps2)[0]
-            a = F.linear(lo(u), lo(w1), lo(b1))                             # (B, T, 4C)
+            u = torch.native_layer_norm(to_fp32(x1), (C,), ln2_w, ln2_b, eps2)[0]
+            a = F.linear(to_matmul(u), to_matmul(w1), to_matmul(b1))                             # (B, T, 4C)
             del u
-            y = F.linear(F.gelu(a, approximate=approximate), lo(w2), lo(b2))  # (B, T, C)
+            y = F.linear(F.gelu(a, approximate=approximate), to_matmul(w2), to_matmul(b2))  # (B, T, C)
             mask = None
             if p > 0:
                 y, mask = torch.native_dropout(y, p, True)
             out = _add_into(y, x1)                                          # x1 + y
-        ctx.static = static
+        ctx.settings = settings
         ctx.save_for_backward(x, sig, glob if sig is not None else None, w, x1, a, mask,
                               ln1_w, ln1_b, conv_w, conv_b, memory, gate_w, gate_b,
                               ln2_w, ln2_b, w1, b1, w2, b2)
@@ -348,11 +348,11 @@ class _GAMBlockFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        eps1, eps2, approximate, p, cast = ctx.static
+        eps1, eps2, approximate, p, cast = ctx.settings
         (x, sig, glob, w, x1, a, mask, ln1_w, ln1_b, conv_w, conv_b, memory, gate_w, gate_b,
          ln2_w, ln2_b, w1, b1, w2, b2) = ctx.saved_tensors
         with _no_autocast(x):
-            lo, hi = _casts(cast)
+            to_matmul, to_fp32 = _casts(cast)
             B, T, C = x.shape
             N = B * T
             # ---- FFN: out = x1 + dropout(W2 gelu(W1 ln2(x1) + b1) + b2) ----
@@ -360,24 +360,24 @@ class _GAMBlockFunction(torch.autograd.Function):
             if mask is not None:
                 dy = torch.ops.aten.native_dropout_backward(dy, mask, 1.0 / (1.0 - p))
             dy = dy.reshape(N, C)
-            df = dy @ lo(w2)                                                # (B*T, 4C)
+            df = dy @ to_matmul(w2)                                                # (B*T, 4C)
             da = torch.ops.aten.gelu_backward(df, a.view(N, -1), approximate=approximate)
             # GELU(a) recomputed into df's memory (no fresh 4C buffer): only for W2's gradient.
             f = torch.ops.aten.gelu.out(a.view(N, -1), approximate=approximate, out=df)
             dw2, db2 = dy.t() @ f, dy.sum(0)
             del f, df, dy
-            u, mu2, rs2 = torch.native_layer_norm(hi(x1), (C,), ln2_w, ln2_b, eps2)  # recomputed
-            dw1, db1 = da.t() @ lo(u).view(N, C), da.sum(0)
+            u, mu2, rs2 = torch.native_layer_norm(to_fp32(x1), (C,), ln2_w, ln2_b, eps2)  # recomputed
+            dw1, db1 = da.t() @ to_matmul(u).view(N, C), da.sum(0)
             del u
-            du = (da @ lo(w1)).view(B, T, C)
+            du = (da @ to_matmul(w1)).view(B, T, C)
             del da
             dx1, dln2_w, dln2_b = torch.ops.aten.native_layer_norm_backward(
-                hi(du), hi(x1), (C,), mu2, rs2, ln2_w, ln2_b, [True, True, True])
+                to_fp32(du), to_fp32(x1), (C,), mu2, rs2, ln2_w, ln2_b, [True, True, True])
             del du
             dx1 = _add_into(dx1.to(x1.dtype), dout.to(x1.dtype))           # d x1, = d fused
             # ---- mixer: x1 = x + fused(ln1(x)) ----
-            h, mu1, rs1 = torch.native_layer_norm(hi(x), (C,), ln1_w, ln1_b, eps1)  # recomputed
-            hc = lo(h)
+            h, mu1, rs1 = torch.native_layer_norm(to_fp32(x), (C,), ln1_w, ln1_b, eps1)  # recomputed
+            hc = to_matmul(h)
             dfused = dx1.to(hc.dtype if cast is None else cast)
             dh = None
             dlocal = dglob = dfused
@@ -387,7 +387,7 @@ class _GAMBlockFunction(torch.autograd.Function):
                 # that the gate's two matmuls stay one each.
                 dg = torch.empty(N, sig.shape[-1], dtype=sig.dtype, device=sig.device)
                 if conv_w is not None:
-                    local = _causal_conv(hc, lo(conv_w), lo(conv_b))        # recomputed
+                    local = _causal_conv(hc, to_matmul(conv_w), to_matmul(conv_b))        # recomputed
                     torch.ops.aten.sigmoid_backward.grad_input(
                         dfused * local, sig[..., :C], grad_input=dg[:, :C].view(B, T, C))
                     dlocal = dfused * sig[..., :C]
@@ -398,11 +398,11 @@ class _GAMBlockFunction(torch.autograd.Function):
                         dfused * glob, s_glob, grad_input=dg[:, sig.shape[-1] - C:].view(B, T, C))
                     dglob = dfused * s_glob
                 dgate_w, dgate_b = dg.t() @ hc.view(N, C), dg.sum(0)
-                dh = (dg @ lo(gate_w)).view(B, T, C)
+                dh = (dg @ to_matmul(gate_w)).view(B, T, C)
                 del dg
             if conv_w is not None:
                 k = conv_w.shape[-1]
-                wl = lo(conv_w)[:, 0, :]                                    # (C, k)
+                wl = to_matmul(conv_w)[:, 0, :]                                    # (C, k)
                 dconv_w = torch.empty_like(wl)
                 dconv_b = dlocal.sum((0, 1))
                 dh = torch.zeros_like(dlocal) if dh is None else dh.to(dlocal.dtype)
@@ -412,18 +412,18 @@ class _GAMBlockFunction(torch.autograd.Function):
                 dconv_w[:, :max(k - T, 0)] = 0  # taps that only ever saw the zero padding
                 dconv_w = dconv_w.unsqueeze(1)
             if memory is not None:
-                M = lo(memory)
+                M = to_matmul(memory)
                 h2, dg2 = hc.view(N, C), dglob.reshape(N, C)
-                dw = hi(dg2 @ M.t())                                        # (B*T, S)
-                dmem = lo(w).t() @ dg2                                      # through the read
-                dsc = lo(torch.ops.aten._softmax_backward_data(dw, w, -1, w.dtype))  # w * (dw - <dw, w>)
+                dw = to_fp32(dg2 @ M.t())                                        # (B*T, S)
+                dmem = to_matmul(w).t() @ dg2                                      # through the read
+                dsc = to_matmul(torch.ops.aten._softmax_backward_data(dw, w, -1, w.dtype))  # w * (dw - <dw, w>)
                 del dw
                 dmem = dmem.to(memory.dtype) + (dsc.t() @ h2).to(memory.dtype)  # through the scores
                 dhm = (dsc @ M).view(B, T, C)
                 dh = dhm if dh is None else dh.add_(dhm.to(dh.dtype))
                 del dsc, dhm
             dx, dln1_w, dln1_b = torch.ops.aten.native_layer_norm_backward(
-                hi(dh), hi(x), (C,), mu1, rs1, ln1_w, ln1_b, [True, True, True])
+                to_fp32(dh), to_fp32(x), (C,), mu1, rs1, ln1_w, ln1_b, [True, True, True])
             dx = _add_into(dx.to(x.dtype), dx1.to(x.dtype))
         return (dx, None, dln1_w, dln1_b, dconv_w, dconv_b, dmem, dgate_w, dgate_b,
                 dln2_w, dln2_b, dw1, db1, dw2, db2)
@@ -438,7 +438,7 @@ def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 
 def _casts(cast):
-    """(low, high): autocast's casts for matmul-like ops and for float32 ops, or identities."""
+    """(to_matmul, to_fp32): autocast's casts for matmul-like ops and for float32 ops, or identities."""
     if cast is None:
         return (lambda t: t), (lambda t: t)
 
@@ -568,8 +568,8 @@ class CausalLM(nn.Module):
         if idx.numel() == 0:
             return  # nothing to check (and targets were refused for empty inputs)
         V = self.config.VOCAB_SIZE
-        lo, hi = torch.aminmax(idx)
-        stats = [lo, hi]
+        lowest, highest = torch.aminmax(idx)
+        stats = [lowest, highest]
         if targets is not None:
             ignored = targets == -100
             stats += [(~ignored & ((targets < 0) | (targets >= V))).any(), ignored.all()]

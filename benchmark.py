@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                 write_results(runs.in_plan_order(cfg, published), Path(cfg.out_dir))
                 if record["status"] == "diverged":
                     diverged.append(record["error"])
+            # Under torchrun the ranks end together: one that tears down its process group while
+            # another still works (rank 0 exports the last model) can abort in gloo (SIGABRT).
+            distributed.barrier()
             if diverged:
                 finished = Path(cfg.out_dir) / "results.json"
                 raise DivergedError(" | ".join(diverged) + f" (the other runs finished: {finished})")
@@ -235,7 +238,8 @@ def build_training(cfg: TrainConfig, model_name: str, vocab_size: int, n_batches
     steps = steps_per_epoch(cfg, n_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.epochs * steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" and device.type == "cuda" else None
-    maybe_compile(model, cfg)
+    if cfg.compile:  # in place (Module.compile): state_dict keys, checkpoints and methods stay; at the first step
+        model.compile()
     return Training(model, model_cfg, optimizer, scheduler, steps, scaler=scaler,
                     ddp=distributed.data_parallel(model, device))
 
@@ -247,13 +251,6 @@ def build_model(cfg: TrainConfig, model_name: str, vocab_size: int, device: torc
                   expand=cfg.expand, mamba_residual=cfg.mamba_residual, mamba_impl=mamba_impl)
     model = build_lm(family, model_cfg, device=device, **{**kwargs, **options})  # a control's options win
     return model.to(device), model_cfg
-
-
-def maybe_compile(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """--compile: torch.compile in place (Module.compile), so state_dict keys, checkpoints and
-    the model's own methods stay as they are; compilation happens at the first step."""
-    if cfg.compile:
-        model.compile()
 
 
 def steps_per_epoch(cfg: TrainConfig, n_batches: int) -> int:

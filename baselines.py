@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, _causal_conv, check_config, feed_forward
+from gam_model import CausalLM, GAMBlock, GAM_Model, ModelConfig, causal_depthwise_conv, check_config, feed_forward
 
 try:  # the official fused kernels; CUDA-only to install, and a broken CUDA build can fail at import
     from mamba_ssm import Mamba
@@ -68,7 +68,6 @@ __all__ = [
     "TransformerBlock",
     "TransformerLM",
     "selective_scan",
-    "scan_chunk_len",
     "scan_tiling",
     "TorchMamba",
     "MambaResidualBlock",
@@ -322,11 +321,6 @@ def scan_tiling(batch: int, d_inner: int, d_state: int, itemsize: int) -> tuple[
     return tile, min(64, max(4, 2 ** int(math.log2(steps))))
 
 
-def scan_chunk_len(batch: int, d_inner: int, d_state: int, itemsize: int) -> int:
-    """The chunk length of ``selective_scan`` for a (batch, d_inner, d_state) state of that itemsize."""
-    return scan_tiling(batch, d_inner, d_state, itemsize)[1]
-
-
 def _chunk_states(h0, dt, At, B, xu, hs, decay):
     """The states of one chunk, time-major, written into the buffers ``hs`` and ``decay``.
 
@@ -495,7 +489,7 @@ class _CausalConvSiLU(torch.autograd.Function):
 
     @staticmethod
     def conv(x, weight, bias):
-        return _causal_conv(x, weight.to(x.dtype), bias.to(x.dtype))
+        return causal_depthwise_conv(x, weight.to(x.dtype), bias.to(x.dtype))
 
     @staticmethod
     @once_differentiable
@@ -517,7 +511,8 @@ class _CausalConvSiLU(torch.autograd.Function):
 class _Softplus(torch.autograd.Function):
     """F.softplus keeping its output for backward, not its input (the scan keeps the output
     anyway: one (B, L, D) tensor less): sigmoid(x) = 1 - exp(-softplus(x)) = -expm1(-y), and 1
-    above F.softplus's threshold of 20, where it returns x itself, as its own backward."""
+    above F.softplus's threshold of 20, where it returns x itself, as its own backward (at x = 20
+    exactly, y = 20 + 2e-9 reads as above it: a gradient of 1 for 1 - e^-20)."""
 
     @staticmethod
     def forward(ctx, x):

@@ -49,7 +49,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-__all__ = ["ModelConfig", "check_config", "BLOCK_IMPLS", "GAMBlock", "CausalLM", "GAM_Model", "feed_forward"]
+__all__ = ["ModelConfig", "check_config", "BLOCK_IMPLS", "GAMBlock", "CausalLM", "GAM_Model", "feed_forward",
+           "causal_depthwise_conv"]
 
 
 _INT_FIELDS = ("VOCAB_SIZE", "BLOCK_SIZE", "N_EMBED", "N_LAYER", "NUM_MEMORY_SLOTS", "CONV_KERNEL_SIZE")
@@ -269,11 +270,11 @@ class GAMBlock(nn.Module):
             hh = torch.cat([cache.to(h.dtype), h], dim=1)   # (B, k-1+T', C)
             cache = hh[:, -(k - 1):]
         # The valid convolution (B, T', C), as k multiply-adds: a tiny conv1d call costs more.
-        local = _causal_conv(hh, self.causal_conv.weight, self.causal_conv.bias)[:, k - 1:]
+        local = causal_depthwise_conv(hh, self.causal_conv.weight, self.causal_conv.bias)[:, k - 1:]
         return self._fuse_and_ffn(x, h, local), cache
 
 
-def _causal_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def causal_depthwise_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """out[:, t] = bias + sum_j weight[:, 0, j] * h[:, t-(k-1)+j] (zero before t = 0): k shifted
     multiply-adds on (B, T, C), with no padded copy and no transposes. No autograd."""
     T, k = h.shape[1], weight.shape[-1]
@@ -313,7 +314,7 @@ class _GAMBlockFunction(torch.autograd.Function):
             hc = to_matmul(h)
             paths = []
             if conv_w is not None:
-                paths.append(_causal_conv(hc, to_matmul(conv_w), to_matmul(conv_b)))      # local (B, T, C)
+                paths.append(causal_depthwise_conv(hc, to_matmul(conv_w), to_matmul(conv_b)))      # local (B, T, C)
             glob = w = None
             if memory is not None:
                 M = to_matmul(memory)
@@ -387,7 +388,7 @@ class _GAMBlockFunction(torch.autograd.Function):
                 # that the gate's two matmuls stay one each.
                 dg = torch.empty(N, sig.shape[-1], dtype=sig.dtype, device=sig.device)
                 if conv_w is not None:
-                    local = _causal_conv(hc, to_matmul(conv_w), to_matmul(conv_b))        # recomputed
+                    local = causal_depthwise_conv(hc, to_matmul(conv_w), to_matmul(conv_b))        # recomputed
                     torch.ops.aten.sigmoid_backward.grad_input(
                         dfused * local, sig[..., :C], grad_input=dg[:, :C].view(B, T, C))
                     dlocal = dfused * sig[..., :C]

@@ -319,7 +319,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs")
     p.add_argument("--out-dir", required=True, help="where perf.json and perf.md go")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile and "block" not in args.checks:
+        p.error("--profile profiles the block check: add block to --checks")
+    return args
 
 
 def main(argv=None) -> int:

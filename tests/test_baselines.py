@@ -364,7 +364,34 @@ def test_scan_tiling_keeps_a_chunk_buffer_near_1_mib():
     assert baselines.scan_tiling(16, 384, 16, 8) == (2, 8)      # float64: half the rows
     assert baselines.scan_tiling(2, 32, 4, 8) == (2, 64)        # tiny: the whole batch, the cap on steps
     assert baselines.scan_tiling(1, 8192, 64, 4) == (1, 4)      # 2 MiB a row-step: the floor on steps
-    assert baselines.scan_chunk_len(32, 1536, 16, 4) == 8
+
+
+@pytest.mark.parametrize("fn", ["softplus", "silu_gate"])
+def test_mamba_elementwise_functions_match_autograd_in_float64(fn):
+    """TorchMamba's softplus (backward from its output, 1 above the threshold of 20) and SiLU
+    gate (backward recomputing silu(z)) against autograd through the torch formulas."""
+    torch.manual_seed(0)
+    x = torch.linspace(-40, 40, 161, dtype=torch.float64).reshape(7, 23)  # both sides of +-20
+    z = torch.randn(7, 23, dtype=torch.float64) * 4
+    g = torch.randn(7, 23, dtype=torch.float64)
+    if fn == "softplus":
+        ours, ref = (lambda a: baselines._Softplus.apply(a)), F.softplus
+        inputs = [x]
+    else:
+        ours, ref = (lambda a, b: baselines._SiLUGate.apply(a, b)), (lambda a, b: a * F.silu(b))
+        inputs = [z.flip(0).clone(), z]
+    grads = []
+    for f in (ours, ref):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = f(*leaves)
+        out.backward(g)
+        grads.append((out.detach(), *(t.grad for t in leaves)))
+    # From its output alone softplus cannot tell x = 20 (sigmoid 1 - e^-20) from x just above it
+    # (F.softplus returns x there, gradient 1): within 1e-6 of the threshold they may differ by e^-20.
+    edge = (x - 20).abs() < 1e-6 if fn == "softplus" else torch.zeros_like(x, dtype=torch.bool)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a[~edge], b[~edge], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(a[edge], b[edge], atol=0, rtol=math.exp(-20) * 1.01)
 
 
 def test_selective_scan_bad_tile():

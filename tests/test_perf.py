@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import perf
@@ -72,3 +73,10 @@ def test_no_profile_without_the_option(tmp_path):
                       "--d-model", "16", "--reps", "1", "--threads", "1"]) == 0
     assert "profile" not in json.loads((tmp_path / "perf.json").read_text())["block"]
     assert not (tmp_path / "profile.md").exists()
+
+
+def test_profile_without_the_block_check_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        perf.main(["--out-dir", str(tmp_path / "out"), "--checks", "generate", "--profile"])
+    assert e.value.code == 2 and "add block to --checks" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
